@@ -1,0 +1,209 @@
+"""The `tspace` command: check jobs, pack data, train a job on one machine, sample an ensemble."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from tspace_core.errors import TspaceError
+
+app = typer.Typer(
+    help="tspace: train diffusion models as an ensemble over T-space.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+job_app = typer.Typer(help="Inspect job specs.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare datasets.", no_args_is_help=True)
+app.add_typer(job_app, name="job")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _progress(*extra: TextColumn) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@job_app.command("check")
+def job_check(
+    file: Annotated[Path, typer.Argument(help="Job spec (TOML).")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the resolved job as JSON.")
+    ] = False,
+) -> None:
+    """Validate a job and print what it resolves to: states, alpha-bars, units."""
+    from tspace_core.jobspec import load_job
+
+    job = load_job(file)
+    if as_json:
+        print(json.dumps(job.to_json(), indent=2))
+        return
+    spec = job.spec
+    console.print(f"[bold]{spec.name}[/]  hash {job.hash[:16]}")
+    sched = spec.schedule
+    console.print(
+        f"schedule {sched.kind}, T={sched.num_train_timesteps}; {len(job.latent_states)} states "
+        f"({spec.states.spacing}, mapping {spec.states.mapping}); {len(job.units)} units "
+        f"({spec.units.partition}); model {spec.model.preset}, {spec.model.prediction_type}; "
+        f"{spec.training.steps} steps x batch {spec.training.batch_size} per unit; data "
+        f"{spec.data.source}"
+    )
+    table = Table("unit", "states (base index)", "alpha-bar")
+    for i, unit in enumerate(job.units):
+        alphas = ", ".join(f"{a:.4g}" for a in job.unit_alphas_cumprod(i))
+        table.add_row(str(i), ", ".join(map(str, unit)), alphas)
+    console.print(table)
+
+
+@data_app.command("pack")
+def data_pack(
+    src: Annotated[str, typer.Argument(help='"digits", an image folder, or a shard manifest.')],
+    out: Annotated[Path, typer.Argument(help="Folder to write shards and manifest.json into.")],
+    shards: Annotated[int, typer.Option(help="Number of shards.")] = 4,
+    resize: Annotated[int | None, typer.Option(help="Resize images to this square side.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Write into a non-empty folder.")] = False,
+) -> None:
+    """Write a dataset as safetensors shards with a manifest of digests."""
+    from tspace_core.data import DataConfig, load_dataset, pack_shards
+
+    dataset = load_dataset(DataConfig(source=src, resize=resize), Path.cwd())
+    manifest = pack_shards(dataset, out, shards, overwrite=overwrite)
+    c, h, w = dataset.shape
+    console.print(
+        f"packed {len(dataset)} images ({c}x{h}x{w}, {dataset.num_classes} classes) "
+        f"into {shards} shards: {manifest}"
+    )
+
+
+@app.command()
+def train(
+    job_file: Annotated[Path, typer.Argument(help="Job spec (TOML).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (resumes if it holds this job).")],
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: best).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+) -> None:
+    """Train every unit of a job in this process, one after another."""
+    from tspace_core.jobspec import load_job
+    from tspace_core.runner import UnitProgress, default_device, train_job
+
+    _set_threads(threads)
+    job = load_job(job_file)
+    device = device or default_device()
+    steps = job.spec.training.steps
+    total = steps * len(job.units)
+    console.print(
+        f"training [bold]{job.spec.name}[/]: {len(job.units)} units x {steps} steps on {device} "
+        f"-> {out}"
+    )
+    started = time.perf_counter()
+    with _progress(TextColumn("{task.fields[info]}")) as bar:
+        overall = bar.add_task("all units", total=total, info="")
+        current = bar.add_task("unit 0", total=steps, info="")
+        rate = [0.0]
+
+        def report(p: UnitProgress) -> None:
+            rate[0] = p.images_per_s if rate[0] == 0 else 0.9 * rate[0] + 0.1 * p.images_per_s
+            info = f"loss {p.loss:.4f}  {rate[0]:.0f} img/s"
+            bar.update(current, description=f"unit {p.unit}", completed=p.step, info=info)
+            bar.update(overall, completed=p.unit * steps + p.step)
+
+        def unit_done(m: object) -> None:
+            if not err_console.is_terminal:
+                err_console.print(
+                    f"unit {getattr(m, 'unit', '?')} done: {getattr(m, 'checkpoint', '')}"
+                )
+
+        manifest = train_job(job, out, device=device, report=report, on_unit_done=unit_done)
+    elapsed = time.perf_counter() - started
+    console.print(
+        f"registered ensemble [bold]{manifest.name}[/] ({len(manifest.members)} units) in "
+        f"{out / 'ensemble.json'} after {elapsed:.0f} s\n"
+        f"next: tspace sample {out} --n 64 --out {out / 'grid.png'}"
+    )
+
+
+@app.command()
+def sample(
+    run_dir: Annotated[Path, typer.Argument(help="Folder written by `tspace train`.")],
+    out: Annotated[Path, typer.Option(help="grid.png (a PNG grid) or samples.npz (raw).")] = Path(
+        "grid.png"
+    ),
+    n: Annotated[int, typer.Option(help="Number of samples.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    eta: Annotated[float, typer.Option(help="DDIM eta: 0 deterministic, 1 DDPM-like.")] = 0.0,
+    steps: Annotated[int | None, typer.Option(help="Sample on this many of the states.")] = None,
+    label: Annotated[int | None, typer.Option(help="Class label for every sample.")] = None,
+    clip: Annotated[bool, typer.Option(help="Clip predicted x0 to [-1, 1].")] = True,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: best).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+) -> None:
+    """Verify an ensemble's checkpoints, assemble the chain and sample."""
+    from tspace_core.ensemble import SampleOptions, sample_ensemble
+    from tspace_core.images import save_grid, save_npz
+    from tspace_core.runner import default_device
+
+    if out.suffix not in (".png", ".npz"):
+        raise TspaceError(f"--out: {out} must end in .png (a grid) or .npz (raw samples)")
+    if n < 1 or eta < 0:
+        raise TspaceError("--n must be >= 1 and --eta >= 0")
+    _set_threads(threads)
+    opts = SampleOptions(
+        n=n, seed=seed, eta=eta, steps=steps, label=label, clip_sample=1.0 if clip else None
+    )
+    with _progress() as bar:
+        task = bar.add_task("sampling", total=None)
+        images, labels = sample_ensemble(
+            run_dir,
+            opts,
+            device or default_device(),
+            progress=lambda k: bar.advance(task, k),
+        )
+    if out.suffix == ".png":
+        save_grid(images, out)
+    else:
+        save_npz(out, images, labels)
+    console.print(f"wrote {n} samples to {out}")
+
+
+def main() -> None:
+    """Entry point: user errors print one clear line and exit 2, never a traceback."""
+    try:
+        app()
+    except TspaceError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)

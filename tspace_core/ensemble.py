@@ -1,0 +1,178 @@
+"""Ensemble manifests: which checkpoint owns which states, and sampling from the assembled chain."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tspace_core.checkpoint import load_checkpoint, unpack
+from tspace_core.data import atomic_write
+from tspace_core.errors import CheckpointError, TspaceError
+from tspace_core.images import to_uint8
+from tspace_core.models import build_unet
+from tspace_core.sampling import EnsemblePredictor, ddim_sample
+from tspace_core.states import LatentStates
+
+FORMAT = "tspace-ensemble/1"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One unit of an ensemble: its states and the checkpoint (relative path + digest) for them."""
+
+    unit: int
+    timesteps: tuple[int, ...]
+    checkpoint: str
+    sha256: str
+    step: int
+
+
+@dataclass(frozen=True)
+class EnsembleManifest:
+    """A frozen list of unit -> checkpoint, with what the sampler needs to assemble the chain."""
+
+    name: str
+    job: str
+    job_hash: str
+    prediction_type: str
+    timesteps: tuple[int, ...]
+    alphas_cumprod: tuple[float, ...]
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    members: tuple[Member, ...]
+
+    @property
+    def latent_states(self) -> LatentStates:
+        return LatentStates(self.timesteps, self.alphas_cumprod)
+
+
+def write_manifest(path: Path, manifest: EnsembleManifest) -> None:
+    data = {"format": FORMAT, **asdict(manifest)}
+    text = json.dumps(data, indent=2).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def read_manifest(path: Path) -> EnsembleManifest:
+    """Parse an ensemble manifest; anything malformed is a CheckpointError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} does not exist; point at a folder written by `tspace train`"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable ensemble manifest: {exc}") from None
+    try:
+        if data.pop("format") != FORMAT:
+            raise ValueError(f"format is not {FORMAT!r}")
+        members = tuple(
+            Member(**{**m, "timesteps": tuple(m["timesteps"])}) for m in data.pop("members")
+        )
+        return EnsembleManifest(
+            **{
+                **data,
+                "timesteps": tuple(data["timesteps"]),
+                "alphas_cumprod": tuple(data["alphas_cumprod"]),
+                "image_shape": tuple(data["image_shape"]),
+                "members": members,
+            }
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a valid ensemble manifest: {exc}") from None
+
+
+def _member_path(root: Path, member: Member) -> Path:
+    path = (root / member.checkpoint).resolve()
+    if not path.is_relative_to(root.resolve()) or os.path.isabs(member.checkpoint):
+        raise CheckpointError(
+            f"unit {member.unit}: checkpoint path {member.checkpoint!r} leaves the ensemble folder"
+        )
+    return path
+
+
+def load_member(root: Path, member: Member, device: torch.device | str = "cpu") -> nn.Module:
+    """The unit's model with its EMA weights, after its digest matches the manifest."""
+    ckpt = load_checkpoint(_member_path(root, member))
+    if ckpt.sha256 != member.sha256:
+        raise CheckpointError(
+            f"unit {member.unit}: {member.checkpoint} has digest {ckpt.sha256[:16]}..., the "
+            f"manifest expects {member.sha256[:16]}...; the file was changed or corrupted"
+        )
+    if tuple(ckpt.meta.get("states", ())) != member.timesteps:
+        raise CheckpointError(
+            f"unit {member.unit}: {member.checkpoint} was trained on states "
+            f"{ckpt.meta.get('states')}, not {list(member.timesteps)}"
+        )
+    try:
+        model = build_unet(ckpt.meta["unet_config"])
+        model.load_state_dict({**unpack(ckpt.tensors, "model"), **unpack(ckpt.tensors, "ema")})
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"unit {member.unit}: weights do not load: {exc}") from None
+    return model.to(device).eval()
+
+
+def load_ensemble(root: Path, device: torch.device | str = "cpu") -> EnsemblePredictor:
+    manifest = read_manifest(root / "ensemble.json")
+    return EnsemblePredictor.from_units(
+        (m.timesteps, load_member(root, m, device)) for m in manifest.members
+    )
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How to sample: count, seed, DDIM eta, steps (None = every state), class label, clipping."""
+
+    n: int = 64
+    seed: int = 0
+    eta: float = 0.0
+    steps: int | None = None
+    label: int | None = None
+    clip_sample: float | None = 1.0
+
+
+def sample_ensemble(
+    root: Path,
+    opts: SampleOptions,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample the ensemble in `root`: uint8 images (N x C x H x W), and labels if conditional."""
+    manifest = read_manifest(root / "ensemble.json")
+    predictor = load_ensemble(root, device)
+    states = manifest.latent_states
+    if opts.steps is not None:
+        states = states.subset(opts.steps)
+    generator = torch.Generator().manual_seed(opts.seed)
+    noise = torch.randn((opts.n, *manifest.image_shape), generator=generator).to(device)
+    labels = _labels(manifest.num_classes, opts)
+    x0 = ddim_sample(
+        predictor,
+        states.timesteps,
+        states.alphas_cumprod,
+        noise,
+        eta=opts.eta,
+        prediction_type=manifest.prediction_type,
+        class_labels=labels.to(device) if labels is not None else None,
+        clip_sample=opts.clip_sample,
+        generator=generator,
+        progress=progress,
+    )
+    return to_uint8(x0.cpu()), labels
+
+
+def _labels(num_classes: int, opts: SampleOptions) -> torch.Tensor | None:
+    if num_classes == 0:
+        if opts.label is not None:
+            raise TspaceError("--label: this ensemble is not class-conditional")
+        return None
+    if opts.label is not None:
+        if not 0 <= opts.label < num_classes:
+            raise TspaceError(f"--label: {opts.label} is out of range 0..{num_classes - 1}")
+        return torch.full((opts.n,), opts.label, dtype=torch.long)
+    return torch.arange(opts.n) % num_classes
