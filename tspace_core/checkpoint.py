@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,8 +15,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from tspace_core.data import sha256_file as sha256_file  # re-exported: one copy, in data
 from tspace_core.errors import CheckpointError
+from tspace_core.fsio import atomic_write_bytes
+from tspace_core.fsio import sha256_file as sha256_file
 
 FORMAT = "tspace-checkpoint/1"
 MAX_HEADER_BYTES = 100 * 2**20
@@ -52,7 +52,7 @@ def save_checkpoint(
     """Write `tensors` and JSON `meta` to `path` atomically; return the file's SHA-256 (hex)."""
     header = {"format": FORMAT, "meta": json.dumps(dict(meta), sort_keys=True)}
     data = safetensors.torch.save(_saveable(tensors), metadata=header)
-    _atomic_write(Path(path), data)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -96,38 +96,6 @@ def _saveable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         storages.add(t.untyped_storage().data_ptr())
         out[name] = t
     return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory, fsync, rename over `path`, fsync the dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    # O_EXCL: never write through someone else's file; mode 0o666 lets the umask decide.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename durable; some platforms (Windows) cannot open a directory."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def _check_is_file(path: Path) -> None:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from tspace_core.errors import DataError, SpecError
+from tspace_core.fsio import atomic_write_bytes
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tspace-shards/1"
@@ -128,35 +127,6 @@ class ShardManifest:
 
 
 # ---------------------------------------------------------------------------- file helpers
-
-
-def sha256_file(path: Path | str) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks so large files never sit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path | str, write: Callable[[IO[bytes]], object]) -> None:
-    """Write a file via `write(fileobj)` so readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
 
 
 # ---------------------------------------------------------------------------- image helpers
@@ -317,7 +287,7 @@ def pack_shards(
             tensors["labels"] = dataset.labels[lo:hi].contiguous()
         data = st_save(tensors)
         file = f"shard-{i:05d}.safetensors"
-        _atomic_write_bytes(out / file, data)
+        atomic_write_bytes(out / file, data)
         entries.append({"file": file, "count": hi - lo, "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -328,7 +298,7 @@ def pack_shards(
         "shards": entries,
     }
     manifest_path = out / MANIFEST_NAME
-    _atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     # Shards of an earlier, larger packing would otherwise linger beside the new manifest.
     keep = {e["file"] for e in entries}
     for stale in out.iterdir():

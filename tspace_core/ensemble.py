@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from tspace_core.checkpoint import load_checkpoint, unpack
-from tspace_core.data import atomic_write
 from tspace_core.errors import CheckpointError, TspaceError
+from tspace_core.fsio import atomic_write
 from tspace_core.images import to_uint8
 from tspace_core.models import build_unet
 from tspace_core.sampling import EnsemblePredictor, ddim_sample

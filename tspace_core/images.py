@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tspace_core.data import atomic_write
 from tspace_core.errors import DataError
+from tspace_core.fsio import atomic_write
 
 ImageBatch = torch.Tensor | np.ndarray
 

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from tspace_core.checkpoint import load_checkpoint, save_checkpoint
-from tspace_core.data import ImageDataset, atomic_write, load_dataset
+from tspace_core.data import ImageDataset, load_dataset
 from tspace_core.ensemble import EnsembleManifest, Member, write_manifest
 from tspace_core.errors import SpecError, TspaceError
+from tspace_core.fsio import atomic_write
 from tspace_core.jobspec import Job
 from tspace_core.models import build_unet, unet_config
 from tspace_core.training import UnitTrainer, unit_seed

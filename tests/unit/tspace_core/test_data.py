@@ -21,9 +21,9 @@ from tspace_core.data import (
     load_shards,
     pack_shards,
     read_manifest,
-    sha256_file,
 )
 from tspace_core.errors import DataError, SpecError
+from tspace_core.fsio import sha256_file
 
 
 @pytest.fixture(scope="module")
