@@ -170,7 +170,7 @@ def sample(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
 ) -> None:
     """Verify an ensemble's checkpoints, assemble the chain and sample."""
-    from tspace_core.ensemble import SampleOptions, sample_ensemble
+    from tspace_core.ensemble import SampleOptions, read_manifest, sample_ensemble
     from tspace_core.images import save_grid, save_npz
     from tspace_core.runner import default_device
 
@@ -182,8 +182,9 @@ def sample(
     opts = SampleOptions(
         n=n, seed=seed, eta=eta, steps=steps, label=label, clip_sample=1.0 if clip else None
     )
+    total = steps or len(read_manifest(run_dir / "ensemble.json").timesteps)
     with _progress() as bar:
-        task = bar.add_task("sampling", total=None)
+        task = bar.add_task("sampling", total=total)
         images, labels = sample_ensemble(
             run_dir,
             opts,

@@ -275,7 +275,8 @@ def pack_shards(
         raise DataError(f"shard output {out} exists and is not a folder; choose another path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DataError(
-            f"shard output folder {out} is not empty; choose an empty folder or pass overwrite=True"
+            f"shard output folder {out} is not empty; choose an empty folder, or overwrite it "
+            "(tspace data pack --overwrite)"
         )
     out.mkdir(parents=True, exist_ok=True)
     bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(count), num_shards)])

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from tspace_core.checkpoint import load_checkpoint, unpack
-from tspace_core.errors import CheckpointError, TspaceError
+from tspace_core.errors import CheckpointError, SpecError, TspaceError
 from tspace_core.fsio import atomic_write
 from tspace_core.images import to_uint8
-from tspace_core.models import build_unet
+from tspace_core.models import PREDICTION_TYPES, build_unet
 from tspace_core.sampling import EnsemblePredictor, ddim_sample
 from tspace_core.states import LatentStates
 
@@ -74,7 +74,7 @@ def read_manifest(path: Path) -> EnsembleManifest:
         members = tuple(
             Member(**{**m, "timesteps": tuple(m["timesteps"])}) for m in data.pop("members")
         )
-        return EnsembleManifest(
+        manifest = EnsembleManifest(
             **{
                 **data,
                 "timesteps": tuple(data["timesteps"]),
@@ -83,8 +83,36 @@ def read_manifest(path: Path) -> EnsembleManifest:
                 "members": members,
             }
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        _check_fields(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError, SpecError) as exc:
         raise CheckpointError(f"{path} is not a valid ensemble manifest: {exc}") from None
+    return manifest
+
+
+def _ints(values: tuple[object, ...], low: int) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values)
+
+
+def _check_fields(m: EnsembleManifest) -> None:
+    """What JSON cannot promise: field types, and every state owned by exactly one member."""
+    if not all(isinstance(v, str) for v in (m.name, m.job, m.job_hash, m.prediction_type)):
+        raise ValueError("name, job, job_hash and prediction_type must be strings")
+    if m.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {m.prediction_type!r} is not in {PREDICTION_TYPES}")
+    if len(m.image_shape) != 3 or not _ints(m.image_shape, 1) or not _ints((m.num_classes,), 0):
+        raise ValueError("image_shape must be 3 positive integers, num_classes an integer >= 0")
+    LatentStates(m.timesteps, m.alphas_cumprod)  # ascending states, alpha-bars in (0, 1)
+    owned: list[int] = []
+    for member in m.members:
+        if not (
+            isinstance(member.checkpoint, str)
+            and isinstance(member.sha256, str)
+            and _ints((member.unit, member.step, *member.timesteps), 0)
+        ):
+            raise ValueError(f"member {member.unit!r} has a field of the wrong type")
+        owned += member.timesteps
+    if sorted(owned) != list(m.timesteps):
+        raise ValueError("the members' states must cover the timesteps, each exactly once")
 
 
 def _member_path(root: Path, member: Member) -> Path:
@@ -117,8 +145,10 @@ def load_member(root: Path, member: Member, device: torch.device | str = "cpu") 
     return model.to(device).eval()
 
 
-def load_ensemble(root: Path, device: torch.device | str = "cpu") -> EnsemblePredictor:
-    manifest = read_manifest(root / "ensemble.json")
+def load_ensemble(
+    root: Path, manifest: EnsembleManifest, device: torch.device | str = "cpu"
+) -> EnsemblePredictor:
+    """Every member's model, each verified against the manifest, routed by state."""
     return EnsemblePredictor.from_units(
         (m.timesteps, load_member(root, m, device)) for m in manifest.members
     )
@@ -144,7 +174,7 @@ def sample_ensemble(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample the ensemble in `root`: uint8 images (N x C x H x W), and labels if conditional."""
     manifest = read_manifest(root / "ensemble.json")
-    predictor = load_ensemble(root, device)
+    predictor = load_ensemble(root, manifest, device)
     states = manifest.latent_states
     if opts.steps is not None:
         states = states.subset(opts.steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -10,6 +11,7 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 from tspace_core.data import DataConfig
 from tspace_core.errors import SpecError
 from tspace_core.models import ModelConfig
-from tspace_core.schedules import ScheduleConfig
+from tspace_core.schedules import ScheduleConfig, alphas_cumprod_of
 from tspace_core.states import (
     LatentStates,
     StatesConfig,
@@ -63,7 +65,7 @@ SECTIONS: dict[str, type] = {
 def _unknown_key(where: str, key: str, allowed: list[str]) -> SpecError:
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return SpecError(f"unknown key {where}{key!r}{hint}; allowed: {', '.join(allowed)}")
+    return SpecError(f"{where}{key}: unknown key{hint}; allowed: {', '.join(allowed)}")
 
 
 def _kind(tp: Any) -> str:
@@ -123,7 +125,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def section_from_dict(cls: type, raw: Any, section: str) -> Any:
     """One section's dataclass from its table; every message names the field."""
     if not isinstance(raw, dict):
-        raise SpecError(f"[{section}] must be a table, got {raw!r}")
+        raise SpecError(f"{section}: [{section}] must be a table, got {raw!r}")
     hints = typing.get_type_hints(cls)
     allowed = [f.name for f in dataclasses.fields(cls)]
     values = {}
@@ -134,7 +136,9 @@ def section_from_dict(cls: type, raw: Any, section: str) -> Any:
     try:
         return cls(**values)
     except SpecError as exc:
-        raise SpecError(f"{section}.{exc}") from None
+        # Some configs already name their section (DataConfig: "data.resize ...").
+        msg = str(exc)
+        raise SpecError(msg if msg.startswith(f"{section}.") else f"{section}.{msg}") from None
 
 
 def spec_from_dict(raw: dict[str, Any]) -> JobSpec:
@@ -182,9 +186,25 @@ class Job:
         }
 
 
+@contextlib.contextmanager
+def _section(name: str) -> Iterator[None]:
+    """Re-raise a SpecError with `name` first, unless its message already starts with it."""
+    try:
+        yield
+    except SpecError as exc:
+        msg = str(exc)
+        raise SpecError(msg if msg.startswith(name) else f"{name}: {msg}") from None
+
+
 def resolve(spec: JobSpec, base_dir: Path | None = None) -> Job:
-    states = latent_states(spec.schedule, spec.states)
-    units = partition_units(states.timesteps, spec.units)
+    # Cross-field checks (usable schedule, S <= T, distinct states, groups) run here, not in
+    # the configs; each error names the section it concerns.
+    with _section("schedule"):
+        alphas_cumprod_of(spec.schedule)
+    with _section("states"):
+        states = latent_states(spec.schedule, spec.states)
+    with _section("units"):
+        units = partition_units(states.timesteps, spec.units)
     return Job(spec=spec, latent_states=states, units=units, base_dir=base_dir)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -40,6 +42,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Set from the data, never from the spec: a mismatch would only fail later, inside training.
 _DERIVED_KWARGS = ("sample_size", "in_channels", "out_channels", "num_class_embeds")
+# diffusers only warns about (and ignores) keys it does not know, so a typo would go unnoticed.
+_UNET_KWARGS = tuple(p for p in inspect.signature(UNet2DModel.__init__).parameters if p != "self")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,11 @@ class ModelConfig:
         derived = sorted(set(self.kwargs) & set(_DERIVED_KWARGS))
         if derived:
             raise SpecError(f"kwargs: {derived} are set from the data and cannot be given")
+        for key in self.kwargs:
+            if key not in _UNET_KWARGS:
+                close = difflib.get_close_matches(key, _UNET_KWARGS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SpecError(f"kwargs: {key!r} is not a UNet2DModel argument{hint}")
 
 
 def unet_config(
@@ -75,7 +84,16 @@ def unet_config(
 ) -> dict[str, Any]:
     """The full `UNet2DModel` config for `cfg` on images of the given shape."""
     kwargs: dict[str, Any] = {**PRESETS[cfg.preset], **cfg.kwargs}
-    levels = len(kwargs["block_out_channels"]) - 1
+    channels = kwargs["block_out_channels"]
+    if (
+        not isinstance(channels, list | tuple)
+        or not channels
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)
+    ):
+        raise SpecError(
+            f"model.kwargs.block_out_channels: use a list of positive integers, got {channels!r}"
+        )
+    levels = len(channels) - 1
     if sample_size % (2**levels):
         raise SpecError(
             f"model: images of side {sample_size} cannot pass {levels} downsamplings of preset "
@@ -100,8 +118,24 @@ def build_unet(config: dict[str, Any], seed: int | None = None) -> nn.Module:
             if seed is not None:
                 torch.manual_seed(seed)
             return cast(nn.Module, UNet2DModel.from_config(config))
-    except (TypeError, ValueError, KeyError) as exc:
+    except Exception as exc:
+        # diffusers fails in many ways on bad kwargs (norm_num_groups = 0 divides by zero, an
+        # unknown time_embedding_type leaves a local unbound): all mean the config is unusable.
         raise SpecError(f"model: UNet2DModel rejected the configuration: {exc}") from exc
+
+
+def check_forward(config: dict[str, Any]) -> None:
+    """Build the model and run one tiny forward pass, so a bad config fails before training."""
+    model = build_unet(config, seed=0)
+    side, channels = config["sample_size"], config["in_channels"]
+    labels = torch.zeros(1, dtype=torch.long) if config.get("num_class_embeds") else None
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, side, side), torch.tensor([0]), class_labels=labels)
+    except Exception as exc:  # any failure here means the configuration cannot train
+        raise SpecError(
+            f"model: this UNet2DModel configuration fails on a forward pass: {exc}"
+        ) from None
 
 
 def count_parameters(model: torch.nn.Module) -> int:

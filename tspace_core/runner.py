@@ -17,7 +17,7 @@ from tspace_core.ensemble import EnsembleManifest, Member, write_manifest
 from tspace_core.errors import SpecError, TspaceError
 from tspace_core.fsio import atomic_write
 from tspace_core.jobspec import Job
-from tspace_core.models import build_unet, unet_config
+from tspace_core.models import build_unet, check_forward, unet_config
 from tspace_core.training import UnitTrainer, unit_seed
 
 
@@ -165,7 +165,7 @@ def train_job(
 ) -> EnsembleManifest:
     """Train every unit in order and register the ensemble `<job>:final` in `out_dir`."""
     data = load_dataset(job.spec.data, job.base_dir)
-    model_config_for(job, data)  # fail before any work if the model cannot take the data
+    check_forward(model_config_for(job, data))  # fail before any work on a bad model
     check_out_dir(job, out_dir)
     members = []
     for unit in range(len(job.units)):

@@ -20,6 +20,8 @@ SNR_SOURCES: tuple[str, ...] = ("ot_fm", *BASE_SCHEDULES)
 
 # Largest |a^2 + b^2 - 1| still called variance preserving; float64 rounding is ~1e-16.
 VP_TOLERANCE = 1e-9
+# Far beyond any schedule in use; keeps a typo from allocating gigabytes.
+MAX_TIMESTEPS = 100_000
 
 
 def _cosine_alpha_bar(t: float) -> float:
@@ -138,7 +140,7 @@ class ScheduleConfig:
 
     kind: "linear", "scaled_linear" or "squaredcos_cap_v2" (as in diffusers), or "tv_snr"
         (an SNR schedule combined with a total-variance schedule, arXiv 2502.08598).
-    num_train_timesteps: T, the number of base steps (>= 2).
+    num_train_timesteps: T, the number of base steps (2..MAX_TIMESTEPS).
     beta_start, beta_end: beta range of "linear" and "scaled_linear" (0 < start < end < 1);
         also used by kind="tv_snr" when snr names one of those schedules.
     snr: for kind="tv_snr", the SNR source: "ot_fm" (generalised OT flow matching) or a
@@ -165,8 +167,10 @@ class ScheduleConfig:
         _check_choice("kind", self.kind, SCHEDULE_KINDS)
         _check_choice("snr", self.snr, SNR_SOURCES)
         T = self.num_train_timesteps
-        if isinstance(T, bool) or not isinstance(T, int) or T < 2:
-            raise SpecError(f"num_train_timesteps must be an integer >= 2, got {T!r}")
+        if isinstance(T, bool) or not isinstance(T, int) or not 2 <= T <= MAX_TIMESTEPS:
+            raise SpecError(
+                f"num_train_timesteps must be an integer in 2..{MAX_TIMESTEPS}, got {T!r}"
+            )
         for name in ("beta_start", "beta_end", "eta", "kappa", "t_min", "t_max", "tv_exponent"):
             _check_real(name, getattr(self, name))
         if not 0.0 < self.beta_start < self.beta_end < 1.0:

@@ -16,6 +16,7 @@ from tspace_core.schedules import ScheduleConfig, alphas_cumprod_of
 Spacing = Literal["trailing", "leading", "linspace", "explicit"]
 Mapping = Literal["base", "naive"]
 
+DEFAULT_COUNT = 10
 SPACINGS: tuple[str, ...] = ("trailing", "leading", "linspace", "explicit")
 MAPPINGS: tuple[str, ...] = ("base", "naive")
 PARTITIONS = 'one of "single", "joint", "stages:K" (K an integer >= 1) or "explicit"'
@@ -36,8 +37,8 @@ def _as_index_tuple(field: str, values: object) -> tuple[int, ...]:
 class StatesConfig:
     """Which S of the T base steps become latent states, and which alpha-bar they carry.
 
-    count: S, the number of states (>= 1, at most T). With spacing="explicit" it must be
-        None or equal len(indices); None there means "as many as indices".
+    count: S, the number of states (>= 1, at most T). Left out (None) it is 10, or
+        len(indices) with spacing="explicit", where a given count must equal len(indices).
     spacing: "trailing" (diffusers' trailing: T=1000, S=10 gives 99, 199, ..., 999),
         "leading" (i * (T // S), diffusers' leading without steps_offset), "linspace"
         (round(linspace(0, T-1, S))) or "explicit" (the given indices).
@@ -48,7 +49,7 @@ class StatesConfig:
         case, kept as an ablation).
     """
 
-    count: int | None = 10
+    count: int | None = None
     spacing: Spacing = "trailing"
     indices: tuple[int, ...] | None = None
     mapping: Mapping = "base"
@@ -74,12 +75,11 @@ class StatesConfig:
         """S, resolved: count, or len(indices) when count is None."""
         if self.count is not None:
             return self.count
-        assert self.indices is not None  # __post_init__ allows None only with indices
-        return len(self.indices)
+        return len(self.indices) if self.indices is not None else DEFAULT_COUNT
 
 
 def _check_count(count: object, indices: tuple[int, ...] | None) -> None:
-    if count is None and indices is not None:
+    if count is None:
         return
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise SpecError(
@@ -88,7 +88,7 @@ def _check_count(count: object, indices: tuple[int, ...] | None) -> None:
     if indices is not None and count != len(indices):
         raise SpecError(
             f"count={count} but indices has {len(indices)} entries; "
-            f"set count={len(indices)} or count=None"
+            f"set count = {len(indices)} or leave count out"
         )
 
 
@@ -122,8 +122,9 @@ def select_timesteps(
     else:
         if indices is not None:
             raise SpecError(f'indices are only allowed with spacing="explicit", not {spacing!r}')
+        if count is None:
+            raise SpecError("count (the number of latent states S) must be an integer >= 1")
         _check_count(count, None)
-        assert count is not None  # _check_count rejects None without indices
         if count > T:
             raise SpecError(
                 f"count={count} latent states is more than the {T} base steps; use count <= {T}"
@@ -194,7 +195,9 @@ class LatentStates:
 
 def latent_states(schedule: ScheduleConfig, cfg: StatesConfig) -> LatentStates:
     """The latent states of `cfg` on `schedule`, with base or (ablation) naive alpha-bar."""
-    timesteps = select_timesteps(schedule.num_train_timesteps, cfg.count, cfg.spacing, cfg.indices)
+    timesteps = select_timesteps(
+        schedule.num_train_timesteps, cfg.num_states, cfg.spacing, cfg.indices
+    )
     if cfg.mapping == "base":
         # The method: each state keeps the base schedule's alpha-bar (arXiv 2508.14413, §1).
         abar = alphas_cumprod_of(schedule)[list(timesteps)]

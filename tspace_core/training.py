@@ -68,6 +68,9 @@ class TrainConfig:
             checkpoint_every=self.checkpoint_every,
             seed=self.seed,
         )
+        for name in ("lr", "weight_decay", "grad_clip", "ema_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise SpecError(f"{name}: {getattr(self, name)} is not a finite number")
         if not 0 < self.lr < 1:
             raise SpecError(f"lr: {self.lr} is out of range; use 0 < lr < 1")
         if not 0 <= self.ema_decay < 1:

@@ -22,7 +22,7 @@ DIGITS = ROOT / "examples" / "digits.toml"
 
 def ddpm_alphas_cumprod(num_train_timesteps: int = 1000) -> np.ndarray:
     """The oracle: diffusers' own linear schedule."""
-    sched = DDPMScheduler(
+    sched: Any = DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule="linear",
         beta_start=1e-4,
@@ -360,7 +360,7 @@ MALFORMED: list[tuple[dict[str, Any], str]] = [
     ({"name": "x", "model": {"kwargs": [1]}}, "model.kwargs"),
     ({"name": None}, "name"),
     ({"name": ["x"]}, "name"),
-    ({"name": "x", "states": {"count": None}}, "states.count"),
+    ({"name": "x", "states": {"count": 0}}, "states.count"),
     ({"name": "x", "training": {"steps": None}}, "training.steps"),
     ({"name": "x", "data": {"source": None}}, "data.source"),
     ({"name": "x", "data": {"source": "  "}}, "data.source"),
@@ -443,11 +443,7 @@ def toml_of(doc: dict[str, Any]) -> str:
     return "\n".join(scalars + tables) + "\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(ValueError, RuntimeError),
-    reason="ScheduleConfig has no upper bound on num_train_timesteps; torch fails to allocate",
-)
 def test_absurd_number_of_base_steps_is_a_spec_error() -> None:
-    # 10**30 overflows torch.linspace at once, so this never allocates memory.
-    spec_error({"name": "x", "schedule": {"num_train_timesteps": HUGE}})
+    assert "schedule.num_train_timesteps" in spec_error(
+        {"name": "x", "schedule": {"num_train_timesteps": HUGE}}
+    )

@@ -16,7 +16,7 @@ DATA_STD = 0.5
 
 
 class GaussianDenoiser(torch.nn.Module):
-    """The exact posterior-mean predictor for data ~ N(0, DATA_STD^2 I): a well-scaled test model."""
+    """The exact posterior-mean predictor for data ~ N(0, DATA_STD^2 I): a well-scaled model."""
 
     def __init__(self, prediction_type: str) -> None:
         super().__init__()

@@ -87,7 +87,7 @@ def test_duplicates_from_rounding_are_reported(monkeypatch):
 
 def test_states_config_defaults_and_rules():
     cfg = StatesConfig()
-    assert (cfg.count, cfg.spacing, cfg.indices, cfg.mapping) == (10, "trailing", None, "base")
+    assert (cfg.num_states, cfg.spacing, cfg.indices, cfg.mapping) == (10, "trailing", None, "base")
     assert cfg.num_states == 10
     explicit = StatesConfig(count=None, spacing="explicit", indices=[9, 3])  # type: ignore[arg-type]
     assert explicit.indices == (9, 3) and explicit.num_states == 2
@@ -98,13 +98,13 @@ def test_states_config_defaults_and_rules():
     ("kwargs", "match"),
     [
         ({"count": 0}, "count"),
-        ({"count": None}, "count"),
+        ({"count": -3}, "count"),
         ({"count": True}, "count"),
         ({"spacing": "uniform"}, "spacing"),
         ({"mapping": "fresh"}, "mapping"),
         ({"indices": (1, 2)}, "indices"),
         ({"spacing": "explicit"}, "indices"),
-        ({"spacing": "explicit", "indices": (1, 2)}, "count=10 but indices has 2"),
+        ({"spacing": "explicit", "count": 3, "indices": (1, 2)}, "count=3 but indices has 2"),
         ({"spacing": "explicit", "count": None, "indices": "12"}, "indices"),
     ],
 )
@@ -276,3 +276,8 @@ def test_partition_units_errors(cfg, match):
 def test_partition_units_rejects_duplicate_timesteps():
     with pytest.raises(SpecError, match="distinct"):
         partition_units((1, 1, 2), UnitsConfig())
+
+
+def test_count_left_out_means_ten_or_as_many_as_indices():
+    assert StatesConfig().num_states == 10
+    assert StatesConfig(spacing="explicit", indices=(5, 50, 500)).num_states == 3
