@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -156,7 +157,22 @@ def train(
 
 @app.command()
 def sample(
-    run_dir: Annotated[Path, typer.Argument(help="Folder written by `tspace train`.")],
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="Folder written by `tspace train`.")
+    ] = None,
+    ensemble: Annotated[
+        str | None, typer.Option(help="A registered ensemble, e.g. digits:final.")
+    ] = None,
+    coordinator: Annotated[
+        str | None, typer.Option(help="Fetch --ensemble from this coordinator (host:port).")
+    ] = None,
+    credential: Annotated[
+        Path | None, typer.Option(help="The coordinator's admin credential file.")
+    ] = None,
+    catalogue: Annotated[
+        str | None, typer.Option(help="Read --ensemble from this catalogue URL.")
+    ] = None,
+    store: Annotated[Path | None, typer.Option(help="The coordinator's blob store folder.")] = None,
     out: Annotated[Path, typer.Option(help="grid.png (a PNG grid) or samples.npz (raw).")] = Path(
         "grid.png"
     ),
@@ -169,9 +185,12 @@ def sample(
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: best).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
 ) -> None:
-    """Verify an ensemble's checkpoints, assemble the chain and sample."""
-    from tspace_core.ensemble import SampleOptions, read_manifest, sample_ensemble
-    from tspace_core.images import save_grid, save_npz
+    """Verify an ensemble's checkpoints, assemble the chain and sample.
+
+    From a run folder of `tspace train`, or a registered ensemble (--ensemble) fetched from a
+    coordinator (--coordinator, --credential) or read from a catalogue (--catalogue, --store).
+    """
+    from tspace_core.ensemble import SampleOptions
     from tspace_core.runner import default_device
 
     if out.suffix not in (".png", ".npz"):
@@ -182,20 +201,121 @@ def sample(
     opts = SampleOptions(
         n=n, seed=seed, eta=eta, steps=steps, label=label, clip_sample=1.0 if clip else None
     )
-    total = steps or len(read_manifest(run_dir / "ensemble.json").timesteps)
+    device = device or default_device()
+    predictor, chain = _load_chain(
+        run_dir, ensemble, coordinator, credential, catalogue, store, device
+    )
+    write_samples(predictor, chain, opts, out, device)
+
+
+def _load_chain(run_dir, ensemble, coordinator, credential, catalogue, store, device):
+    from tspace_core import remote
+    from tspace_core.ensemble import Chain, load_ensemble, read_manifest
+
+    if run_dir is not None:
+        if ensemble or coordinator or catalogue:
+            raise TspaceError("give either a run folder or --ensemble, not both")
+        manifest = read_manifest(run_dir / "ensemble.json")
+        chain = Chain(
+            manifest.latent_states,
+            manifest.image_shape,
+            manifest.num_classes,
+            manifest.prediction_type,
+        )
+        return load_ensemble(run_dir, manifest, device), chain
+    if ensemble is None:
+        raise TspaceError("give a run folder of `tspace train`, or --ensemble NAME")
+    if coordinator is not None:
+        if credential is None:
+            raise TspaceError("--coordinator needs --credential (the admin credential file)")
+        secret = credential.read_text().strip() if credential.is_file() else ""
+        if not secret:
+            raise TspaceError(f"--credential: {credential} is missing or empty")
+        cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tspace"
+        return remote.from_coordinator(coordinator, secret, ensemble, cache, device)
+    if catalogue is not None and store is not None:
+        return remote.from_catalogue(catalogue, store, ensemble, device)
+    raise TspaceError("--ensemble needs --coordinator and --credential, or --catalogue and --store")
+
+
+def write_samples(predictor, chain, opts, out: Path, device: str) -> None:
+    from tspace_core.ensemble import sample_chain
+    from tspace_core.images import save_grid, save_npz
+
+    total = opts.steps or len(chain.states)
     with _progress() as bar:
         task = bar.add_task("sampling", total=total)
-        images, labels = sample_ensemble(
-            run_dir,
-            opts,
-            device or default_device(),
-            progress=lambda k: bar.advance(task, k),
+        images, labels = sample_chain(
+            predictor, chain, opts, device, progress=lambda k: bar.advance(task, k)
         )
     if out.suffix == ".png":
         save_grid(images, out)
     else:
         save_npz(out, images, labels)
-    console.print(f"wrote {n} samples to {out}")
+    console.print(f"wrote {opts.n} samples to {out}")
+
+
+@app.command()
+def quickstart(
+    workers: Annotated[int, typer.Option(help="Worker processes to start.")] = 2,
+    folder: Annotated[Path, typer.Option("--dir", help="Where everything goes.")] = Path(
+        "tspace-quickstart"
+    ),
+    steps: Annotated[
+        int | None, typer.Option(help="Training steps per unit (default: the example's).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per worker.")] = None,
+) -> None:
+    """The whole system on this machine: coordinator, workers, the digits job, a sample grid."""
+    from tspace_core import quickstart as qs
+    from tspace_core import remote
+    from tspace_core.ensemble import SampleOptions
+
+    if not 1 <= workers <= 64:
+        raise TspaceError("--workers must be in 1..64")
+    processes = qs.Processes(folder / "logs")
+    try:
+        with _progress(TextColumn("{task.fields[info]}")) as bar:
+            task = bar.add_task("training", total=None, info="starting")
+
+            def show(s) -> None:
+                done = sum(u.step for u in s.units if u.status != "done") + sum(
+                    u.total_steps for u in s.units if u.status == "done"
+                )
+                total = sum(u.total_steps for u in s.units) or None
+                busy = sum(1 for u in s.units if u.status == "leased")
+                finished = sum(1 for u in s.units if u.status == "done")
+                rate = sum(u.images_per_s for u in s.units if u.status == "leased")
+                bar.update(
+                    task,
+                    total=total,
+                    completed=done,
+                    info=f"{finished}/{len(s.units)} units, {busy} training, "
+                    f"{len(s.workers)} workers, {rate:.0f} img/s",
+                )
+
+            result, admin = qs.run(folder, processes, workers, steps, show, threads)
+        credential = (folder / "coordinator" / "admin.credential").read_text().strip()
+        predictor, chain = remote.from_coordinator(
+            result.address, credential, result.ensemble, folder / "cache", "cpu"
+        )
+        grid = folder / "grid.png"
+        write_samples(predictor, chain, SampleOptions(n=100), grid, "cpu")
+        admin.close()
+    finally:
+        processes.stop()
+    coord = folder / "coordinator"
+    console.print(
+        f"\n[bold]quickstart done[/] in {result.seconds:.0f} s: ensemble "
+        f"[bold]{result.ensemble}[/] registered, samples in [bold]{grid}[/]\n"
+        f"  coordinator folder  {coord} (catalogue {coord / 'catalogue.db'}, blobs "
+        f"{coord / 'blobs'})\n  logs                {folder / 'logs'}\n"
+        f"next:\n  tspace sample --ensemble {result.ensemble} --catalogue "
+        f"sqlite:///{(coord / 'catalogue.db').resolve()} --store {coord / 'blobs'} --n 64 "
+        f"--seed 1 --out grid2.png\n  tspace-coord serve {coord}   (then tspace-coord enroll "
+        f"--site NAME --dir {coord}, and tspace-worker join on another machine)",
+        highlight=False,
+    )
 
 
 def main() -> None:

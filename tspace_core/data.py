@@ -82,8 +82,14 @@ class DataConfig:
     channels: int | None = None
     """1 (grayscale) or 3 (RGB). None keeps the source's: digits 1; a folder 1 when every image
     is grayscale ("1", "L", "LA"), else 3; shards whatever they hold."""
+    shards: int = 1
+    """How many shards a coordinator stores the data as (at most the image count). A site that
+    packs the same data the same way (`tspace data pack SRC DIR --shards N`) gets the same
+    digests and trains from its local copy."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
+            raise SpecError(f"data.shards must be an integer >= 1, got {self.shards!r}")
         if not isinstance(self.source, str) or not self.source.strip():
             raise SpecError('data.source must be "digits", an image folder or a shard manifest')
         if self.resize is not None and (

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tspace_core.checkpoint import load_checkpoint, unpack
+from tspace_core.checkpoint import Checkpoint, load_checkpoint, unpack
 from tspace_core.errors import CheckpointError, SpecError, TspaceError
 from tspace_core.fsio import atomic_write
 from tspace_core.images import to_uint8
@@ -132,16 +132,23 @@ def load_member(root: Path, member: Member, device: torch.device | str = "cpu") 
             f"unit {member.unit}: {member.checkpoint} has digest {ckpt.sha256[:16]}..., the "
             f"manifest expects {member.sha256[:16]}...; the file was changed or corrupted"
         )
-    if tuple(ckpt.meta.get("states", ())) != member.timesteps:
+    return model_from_checkpoint(ckpt, member.unit, member.timesteps, device)
+
+
+def model_from_checkpoint(
+    ckpt: Checkpoint, unit: int, timesteps: tuple[int, ...], device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The EMA model a verified checkpoint holds, for the states it was trained on."""
+    if tuple(ckpt.meta.get("states", ())) != timesteps:
         raise CheckpointError(
-            f"unit {member.unit}: {member.checkpoint} was trained on states "
-            f"{ckpt.meta.get('states')}, not {list(member.timesteps)}"
+            f"unit {unit}: {ckpt.path.name} was trained on states "
+            f"{ckpt.meta.get('states')}, not {list(timesteps)}"
         )
     try:
         model = build_unet(ckpt.meta["unet_config"])
         model.load_state_dict({**unpack(ckpt.tensors, "model"), **unpack(ckpt.tensors, "ema")})
-    except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"unit {member.unit}: weights do not load: {exc}") from None
+    except (KeyError, RuntimeError, TspaceError) as exc:
+        raise CheckpointError(f"unit {unit}: weights do not load: {exc}") from None
     return model.to(device).eval()
 
 
@@ -166,34 +173,56 @@ class SampleOptions:
     clip_sample: float | None = 1.0
 
 
-def sample_ensemble(
-    root: Path,
+@dataclass(frozen=True)
+class Chain:
+    """What sampling needs besides the models: the states and the shape of the outputs."""
+
+    states: LatentStates
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    prediction_type: str
+
+
+def sample_chain(
+    predictor: EnsemblePredictor,
+    chain: Chain,
     opts: SampleOptions,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample the ensemble in `root`: uint8 images (N x C x H x W), and labels if conditional."""
-    manifest = read_manifest(root / "ensemble.json")
-    predictor = load_ensemble(root, manifest, device)
-    states = manifest.latent_states
-    if opts.steps is not None:
-        states = states.subset(opts.steps)
+    """Sample the assembled chain: uint8 images (N x C x H x W), and labels if conditional."""
+    states = chain.states if opts.steps is None else chain.states.subset(opts.steps)
     generator = torch.Generator().manual_seed(opts.seed)
-    noise = torch.randn((opts.n, *manifest.image_shape), generator=generator).to(device)
-    labels = _labels(manifest.num_classes, opts)
+    noise = torch.randn((opts.n, *chain.image_shape), generator=generator).to(device)
+    labels = _labels(chain.num_classes, opts)
     x0 = ddim_sample(
         predictor,
         states.timesteps,
         states.alphas_cumprod,
         noise,
         eta=opts.eta,
-        prediction_type=manifest.prediction_type,
+        prediction_type=chain.prediction_type,
         class_labels=labels.to(device) if labels is not None else None,
         clip_sample=opts.clip_sample,
         generator=generator,
         progress=progress,
     )
     return to_uint8(x0.cpu()), labels
+
+
+def sample_ensemble(
+    root: Path,
+    opts: SampleOptions,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample the ensemble `tspace train` wrote to `root`."""
+    manifest = read_manifest(root / "ensemble.json")
+    predictor = load_ensemble(root, manifest, device)
+    chain = Chain(
+        manifest.latent_states, manifest.image_shape, manifest.num_classes, manifest.prediction_type
+    )
+    return sample_chain(predictor, chain, opts, device, progress)
 
 
 def _labels(num_classes: int, opts: SampleOptions) -> torch.Tensor | None:

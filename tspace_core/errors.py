@@ -15,3 +15,11 @@ class DataError(TspaceError):
 
 class CheckpointError(TspaceError):
     """A checkpoint file that is missing, corrupt, or not in the safetensors format."""
+
+
+class SignatureError(TspaceError):
+    """A key, signed statement or signature that is missing, malformed or does not verify."""
+
+
+class BlobError(TspaceError):
+    """A blob or upload that is missing, corrupt, misnamed or does not match its declared digest."""

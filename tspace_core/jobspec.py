@@ -222,6 +222,6 @@ def load_job(path: str | Path) -> Job:
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path} is not valid TOML: {exc}") from None
     try:
-        return resolve(spec_from_dict(raw), base_dir=path.resolve().parent)
+        return resolve(spec_from_dict(raw), base_dir=path.absolute().parent)
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None

@@ -1,0 +1,1 @@
+"""The tspace coordinator: hands out units and shards, verifies and registers checkpoints."""

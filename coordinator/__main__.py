@@ -1,0 +1,5 @@
+"""`python -m coordinator` runs `tspace-coord`."""
+
+from coordinator.cli import main
+
+main()

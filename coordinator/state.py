@@ -1,0 +1,164 @@
+"""What every RPC handler shares: config, catalogue, blob store, clock, and error mapping."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from coordinator.config import (
+    ADMIN_CREDENTIAL_FILE,
+    CoordinatorConfig,
+    hash_secret,
+    read_admin_credential,
+)
+from tspace_core.blobs import BlobStore
+from tspace_core.catalogue import Catalogue, CatalogueError
+from tspace_core.catalogue.records import LEASE_ACTIVE, WORKER_REVOKED, LeaseRecord, WorkerRecord
+from tspace_core.errors import BlobError, SignatureError, TspaceError
+from tspace_core.rpc import ADMIN_HEADER, CREDENTIAL_HEADER
+
+MAX_TEXT = 256
+
+CATALOGUE_CODES = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
+    "conflict": grpc.StatusCode.ABORTED,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+@dataclass
+class CoordinatorState:
+    """The coordinator's resources; `clock` is the only source of time for leases."""
+
+    folder: Path
+    config: CoordinatorConfig
+    catalogue: Catalogue
+    blobs: BlobStore
+    admin_credential_hash: str
+    clock: Callable[[], float] = field(default=time.time)
+
+    @classmethod
+    def open(cls, folder: Path, config: CoordinatorConfig) -> CoordinatorState:
+        admin = read_admin_credential(folder / ADMIN_CREDENTIAL_FILE)
+        return cls(
+            folder=folder,
+            config=config,
+            catalogue=Catalogue(config.catalogue_url),
+            blobs=BlobStore(folder / "blobs"),
+            admin_credential_hash=hash_secret(admin),
+        )
+
+    def worker(self, context: grpc.ServicerContext) -> WorkerRecord:
+        """The worker a call comes from, by its credential; aborts the call otherwise."""
+        credential = _metadata(context).get(CREDENTIAL_HEADER)
+        if not credential:
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, "no worker credential; register first")
+        record = self.catalogue.worker_by_credential(hash_secret(credential))
+        if record is None:
+            abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "unknown worker credential; register again with a join token",
+            )
+        if record.status == WORKER_REVOKED:
+            abort(
+                context, grpc.StatusCode.PERMISSION_DENIED, f"worker {record.worker_id} is revoked"
+            )
+        self.catalogue.touch_worker(record.worker_id, self.clock())
+        return record
+
+    def is_admin(self, context: grpc.ServicerContext) -> bool:
+        given = _metadata(context).get(ADMIN_HEADER, "")
+        return bool(given) and hmac.compare_digest(hash_secret(given), self.admin_credential_hash)
+
+    def require_admin(self, context: grpc.ServicerContext) -> None:
+        if not self.is_admin(context):
+            abort(context, grpc.StatusCode.UNAUTHENTICATED, "admin credential missing or wrong")
+
+
+def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def _status_of(exc: TspaceError) -> grpc.StatusCode:
+    if isinstance(exc, CatalogueError):
+        return CATALOGUE_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION)
+    if isinstance(exc, SignatureError):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, BlobError):
+        return (
+            grpc.StatusCode.DATA_LOSS if "digest" in str(exc) else grpc.StatusCode.INVALID_ARGUMENT
+        )
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(method: F) -> F:
+    """Turn a user-caused TspaceError into a gRPC status with its message (no traceback)."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from method(self, request, context)
+            except TspaceError as exc:
+                abort(context, _status_of(exc), str(exc))
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except TspaceError as exc:
+            abort(context, _status_of(exc), str(exc))
+
+    return unary  # type: ignore[return-value]
+
+
+def owned_lease(
+    state: CoordinatorState, context: grpc.ServicerContext, lease_id: str, worker: WorkerRecord
+) -> LeaseRecord:
+    """The caller's active lease `lease_id`, or the call is aborted."""
+    lease = found(lambda: state.catalogue.get_lease(lease_id[:MAX_TEXT]))
+    if lease is None or lease.worker_id != worker.worker_id:
+        abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {lease_id[:64]!r} held by this worker")
+    if lease.status != LEASE_ACTIVE:
+        abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"lease {lease_id} is {lease.status}")
+    return lease
+
+
+T = TypeVar("T")
+
+
+def found(lookup: Callable[[], T]) -> T | None:
+    """The looked-up record, or None where the catalogue says it does not exist."""
+    try:
+        return lookup()
+    except CatalogueError as exc:
+        if exc.code == "not_found":
+            return None
+        raise
+
+
+def upload_key(lease: LeaseRecord, sha256: str) -> str:
+    """Partial uploads are keyed by lease and digest: a new lease starts a new upload."""
+    return f"{lease.lease_id}.{sha256[:64]}"

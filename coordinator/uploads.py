@@ -1,0 +1,205 @@
+"""Receiving a checkpoint upload: check the lease, statement and signature, stream to disk,
+verify the digest, register it in one transaction. Anything wrong changes nothing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from coordinator.state import (
+    MAX_TEXT,
+    CoordinatorState,
+    abort,
+    found,
+    owned_lease,
+    upload_key,
+)
+from tspace_core import serde
+from tspace_core.catalogue.records import CheckpointRecord, LeaseRecord, WorkerRecord
+from tspace_core.checkpoint import read_meta
+from tspace_core.errors import CheckpointError
+from tspace_core.proto.tspace.v1 import worker_pb2
+from tspace_core.rpc import CHUNK_BYTES
+from tspace_core.signing import Statement, verify
+
+MAX_CHUNK = CHUNK_BYTES + 64 * 1024
+MAX_METRICS = 64
+
+
+def _check_statement(
+    context: grpc.ServicerContext,
+    header: worker_pb2.UploadHeader,
+    lease: LeaseRecord,
+    worker: WorkerRecord,
+    job_hash: str,
+) -> Statement:
+    statement = Statement.from_bytes(bytes(header.statement))
+    expected = {
+        "job": lease.job,
+        "job_hash": job_hash,
+        "unit": lease.unit,
+        "attempt": lease.attempt,
+        "sha256": header.sha256,
+        "size": header.size,
+        "key_id": worker.key_id,
+    }
+    for name, value in expected.items():
+        if getattr(statement, name) != value:
+            abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"statement {name} is {getattr(statement, name)!r}, the upload needs {value!r}",
+            )
+    verify(worker.public_key, bytes(header.statement), bytes(header.signature))
+    return statement
+
+
+def _header(
+    state: CoordinatorState, context: grpc.ServicerContext, chunks: Iterator[worker_pb2.UploadChunk]
+) -> worker_pb2.UploadHeader:
+    first = next(chunks, None)
+    if first is None or first.WhichOneof("part") != "header":
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, "an upload must start with its header")
+    header = first.header
+    limit = state.config.max_checkpoint_bytes
+    if not 0 < header.size <= limit:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"size {header.size} not in 1..{limit}")
+    if not 0 <= header.offset <= header.size:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"offset {header.offset} out of range")
+    return header
+
+
+def receive_checkpoint(
+    state: CoordinatorState,
+    context: grpc.ServicerContext,
+    worker: WorkerRecord,
+    chunks: Iterator[worker_pb2.UploadChunk],
+) -> worker_pb2.UploadResponse:
+    header = _header(state, context, chunks)
+    lease = owned_lease(state, context, header.lease_id, worker)
+    job = state.catalogue.get_job(lease.job)
+    statement = _check_statement(context, header, lease, worker, job.job_hash)
+    existing = found(lambda: state.catalogue.get_checkpoint(header.sha256))
+    if existing is not None:
+        return worker_pb2.UploadResponse(
+            checkpoint=serde.checkpoint_to_proto(existing), already_registered=True
+        )
+    key = upload_key(lease, header.sha256)
+    received = _receive_data(state, context, key, header, chunks)
+    if received < header.size:
+        abort(
+            context,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"upload incomplete: {received} of {header.size} bytes; resume from offset {received}",
+        )
+    # The same bytes may be in the store already as something else (a job's data shard).
+    existed = state.blobs.has(header.sha256)
+    path = state.blobs.finish(key, header.sha256, header.size)
+    try:
+        record, created = state.catalogue.add_checkpoint(
+            _record(state, context, path, statement, header, worker)
+        )
+    except BaseException:
+        # Nothing half-registered: an unverifiable file does not stay in the store, but a blob
+        # this upload did not bring is not this upload's to delete.
+        if not existed and found(lambda: state.catalogue.get_checkpoint(header.sha256)) is None:
+            path.unlink(missing_ok=True)
+        raise
+    state.catalogue.add_event(
+        "checkpoint_registered",
+        f"unit {lease.unit} step {statement.step}{' (final)' if statement.final else ''}",
+        state.clock(),
+        job=lease.job,
+        unit=lease.unit,
+        worker_id=worker.worker_id,
+    )
+    return worker_pb2.UploadResponse(
+        checkpoint=serde.checkpoint_to_proto(record), already_registered=not created
+    )
+
+
+def _receive_data(
+    state: CoordinatorState,
+    context: grpc.ServicerContext,
+    key: str,
+    header: worker_pb2.UploadHeader,
+    chunks: Iterator[worker_pb2.UploadChunk],
+) -> int:
+    offset = state.blobs.upload_offset(key)
+    if header.offset != offset:
+        abort(
+            context,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"upload offset {header.offset} does not match the {offset} bytes held; resume there",
+        )
+    for chunk in chunks:
+        if chunk.WhichOneof("part") != "data" or len(chunk.data) > MAX_CHUNK:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "expected data chunks of <= 1 MiB")
+        offset = state.blobs.append(key, offset, bytes(chunk.data), max_size=header.size)
+    return offset
+
+
+def _record(
+    state: CoordinatorState,
+    context: grpc.ServicerContext,
+    path: object,
+    statement: Statement,
+    header: worker_pb2.UploadHeader,
+    worker: WorkerRecord,
+) -> CheckpointRecord:
+    """The catalogue record; the file's own metadata must agree with what was signed."""
+    try:
+        meta = read_meta(path)  # type: ignore[arg-type]
+    except CheckpointError as exc:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"not a tspace checkpoint: {exc}")
+    if (meta.get("job"), meta.get("unit"), meta.get("step")) != (
+        statement.job,
+        statement.unit,
+        statement.step,
+    ):
+        abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the checkpoint's metadata (job, unit, step) differs from the signed statement",
+        )
+    return CheckpointRecord(
+        sha256=header.sha256,
+        size=header.size,
+        job=statement.job,
+        unit=statement.unit,
+        step=statement.step,
+        final=statement.final,
+        statement=bytes(header.statement),
+        signature=bytes(header.signature),
+        worker_id=worker.worker_id,
+        key_id=worker.key_id,
+        public_key=worker.public_key,
+        created_at=state.clock(),
+        attempt=statement.attempt,
+        metrics=_metrics(context, meta.get("metrics", {})),
+        shards_seen=_shards_seen(context, meta.get("shards_seen", [])),
+    )
+
+
+def _metrics(context: grpc.ServicerContext, metrics: Any) -> dict[str, float | None]:
+    """Numbers only, and a non-finite one (a diverged or not yet measured loss) as null:
+    PostgreSQL's JSON has no NaN, so storing it as is would fail the whole upload."""
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, "checkpoint metrics: a table of numbers")
+    out: dict[str, float | None] = {}
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"checkpoint metric {name!r}: a number"
+            )
+        out[str(name)[:MAX_TEXT]] = float(value) if math.isfinite(value) else None
+    return out
+
+
+def _shards_seen(context: grpc.ServicerContext, shards: Any) -> tuple[str, ...]:
+    if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, "checkpoint shards_seen: a list of names")
+    return tuple(s[:MAX_TEXT] for s in shards)

@@ -1,0 +1,58 @@
+"""The SQL catalogue: jobs, units, leases, workers, checkpoints, ensembles and events."""
+
+from tspace_core.catalogue.engine import migrate, sqlite_url
+from tspace_core.catalogue.errors import CatalogueError
+from tspace_core.catalogue.records import (
+    JOB_ACTIVE,
+    JOB_DONE,
+    JOB_FAILED,
+    LEASE_ACTIVE,
+    LEASE_COMPLETED,
+    LEASE_EXPIRED,
+    LEASE_FAILED,
+    UNIT_DONE,
+    UNIT_FAILED,
+    UNIT_LEASED,
+    UNIT_PENDING,
+    WORKER_ACTIVE,
+    WORKER_REVOKED,
+    CheckpointRecord,
+    EnsembleMemberRecord,
+    EnsembleRecord,
+    EventRecord,
+    JobRecord,
+    LeaseRecord,
+    ShardRecord,
+    UnitRecord,
+    WorkerRecord,
+)
+from tspace_core.catalogue.store import Catalogue
+
+__all__ = [
+    "JOB_ACTIVE",
+    "JOB_DONE",
+    "JOB_FAILED",
+    "LEASE_ACTIVE",
+    "LEASE_COMPLETED",
+    "LEASE_EXPIRED",
+    "LEASE_FAILED",
+    "UNIT_DONE",
+    "UNIT_FAILED",
+    "UNIT_LEASED",
+    "UNIT_PENDING",
+    "WORKER_ACTIVE",
+    "WORKER_REVOKED",
+    "Catalogue",
+    "CatalogueError",
+    "CheckpointRecord",
+    "EnsembleMemberRecord",
+    "EnsembleRecord",
+    "EventRecord",
+    "JobRecord",
+    "LeaseRecord",
+    "ShardRecord",
+    "UnitRecord",
+    "WorkerRecord",
+    "migrate",
+    "sqlite_url",
+]

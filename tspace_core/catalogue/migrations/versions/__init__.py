@@ -1,0 +1,1 @@
+"""Catalogue schema revisions, oldest first; a package so that installs ship it."""

@@ -1,0 +1,238 @@
+"""Catalogue operations on checkpoints, unit completion and ensembles; each runs in the caller's
+transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from tspace_core.catalogue.enrolment import add_event
+from tspace_core.catalogue.errors import CatalogueError
+from tspace_core.catalogue.models import (
+    Checkpoint,
+    Ensemble,
+    EnsembleMember,
+    Job,
+    Lease,
+    Unit,
+    Worker,
+)
+from tspace_core.catalogue.records import (
+    JOB_DONE,
+    LEASE_COMPLETED,
+    UNIT_DONE,
+    WORKER_ACTIVE,
+    CheckpointRecord,
+    EnsembleMemberRecord,
+    EnsembleRecord,
+)
+from tspace_core.catalogue.rows import (
+    checkpoint_query,
+    checkpoint_record,
+    job_row,
+    owned_active_lease,
+    unit_row,
+    worker_row,
+)
+
+
+def add_checkpoint(session: Session, rec: CheckpointRecord) -> tuple[CheckpointRecord, bool]:
+    """Record a verified checkpoint; (record, True) when new, (existing record, False) when its
+    digest is already known."""
+    if session.get(Checkpoint, rec.sha256) is not None:
+        return get_checkpoint(session, rec.sha256), False
+    unit, _ = unit_row(session, rec.job, rec.unit)
+    worker = worker_row(session, rec.worker_id, active=True)
+    if (rec.key_id, rec.public_key) != (worker.key_id, worker.public_key):
+        raise CatalogueError(
+            "invalid_argument",
+            f"checkpoint {rec.sha256[:12]} names key {rec.key_id!r}, "
+            f"but worker {rec.worker_id} registered key {worker.key_id!r}",
+        )
+    if rec.size < 0 or rec.step < 0:
+        raise CatalogueError("invalid_argument", "checkpoint size and step must be >= 0")
+    session.add(
+        Checkpoint(
+            sha256=rec.sha256,
+            size=rec.size,
+            unit_id=unit.id,
+            step=rec.step,
+            final=rec.final,
+            attempt=rec.attempt,
+            statement=rec.statement,
+            signature=rec.signature,
+            worker_id=rec.worker_id,
+            metrics=dict(rec.metrics),
+            shards_seen=list(rec.shards_seen),
+            created_at=rec.created_at,
+            verified=True,  # the coordinator checks digest and signature before recording
+        )
+    )
+    session.flush()
+    return get_checkpoint(session, rec.sha256), True
+
+
+def get_checkpoint(session: Session, sha256: str) -> CheckpointRecord:
+    row = session.execute(checkpoint_query().where(Checkpoint.sha256 == sha256)).first()
+    if row is None:
+        raise CatalogueError("not_found", f"no checkpoint with digest {sha256!r}")
+    return checkpoint_record(*row)
+
+
+def newest_checkpoint(session: Session, job: str, unit: int) -> CheckpointRecord | None:
+    """The unit's verified, trusted checkpoint with the highest step (the newest among equals)."""
+    unit_id = unit_row(session, job, unit)[0].id
+    row = session.execute(
+        checkpoint_query()
+        .where(
+            Checkpoint.unit_id == unit_id,
+            Checkpoint.verified.is_(True),
+            Worker.status == WORKER_ACTIVE,
+        )
+        .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc(), Checkpoint.sha256)
+        .limit(1)
+    ).first()
+    return None if row is None else checkpoint_record(*row)
+
+
+def list_checkpoints(
+    session: Session, job: str | None = None, unit: int | None = None
+) -> list[CheckpointRecord]:
+    query = checkpoint_query().order_by(
+        Job.created_at, Job.id, Unit.unit, Checkpoint.step, Checkpoint.created_at
+    )
+    if job is not None:
+        query = query.where(Job.id == job_row(session, job).id)
+    if unit is not None:
+        query = query.where(Unit.unit == unit)
+    return [checkpoint_record(*row) for row in session.execute(query)]
+
+
+def complete_unit(
+    session: Session, lease_id: str, worker_id: str, sha256: str, now: float
+) -> str | None:
+    """Finish the lease's unit with its final checkpoint; when that was the job's last unit, mark
+    the job done and register the ensemble "<job>:final", whose name is returned."""
+    lease = owned_active_lease(session, lease_id, worker_id)
+    unit = session.get_one(Unit, lease.unit_id)
+    # Locking the job serialises the job's completions, so exactly one sees the last unit done.
+    job = session.scalars(select(Job).where(Job.id == unit.job_id).with_for_update()).one()
+    ckpt = get_checkpoint(session, sha256)
+    if (ckpt.job, ckpt.unit) != (job.name, unit.unit):
+        raise CatalogueError(
+            "invalid_argument",
+            f"checkpoint {sha256[:12]} belongs to {ckpt.job} unit {ckpt.unit}, "
+            f"not to {job.name} unit {unit.unit}",
+        )
+    if not ckpt.final:
+        raise CatalogueError(
+            "failed_precondition", f"checkpoint {sha256[:12]} is not final; upload the final one"
+        )
+    if not ckpt.trusted:
+        raise CatalogueError(
+            "failed_precondition", f"checkpoint {sha256[:12]} was signed by a revoked worker"
+        )
+    lease.status, lease.updated_at, lease.checkpoint_sha256 = LEASE_COMPLETED, now, sha256
+    unit.status, unit.last_error = UNIT_DONE, ""
+    session.flush()
+    remaining = session.scalar(
+        select(func.count()).where(Unit.job_id == job.id, Unit.status != UNIT_DONE)
+    )
+    if remaining:
+        return None
+    job.status = JOB_DONE
+    name = f"{job.name}:final"
+    if session.get(Ensemble, name) is None:
+        members = {
+            unit_index: sha256
+            for unit_index, sha256 in session.execute(
+                select(Unit.unit, Lease.checkpoint_sha256)
+                .join(Lease, Lease.unit_id == Unit.id)
+                .where(Unit.job_id == job.id, Lease.status == LEASE_COMPLETED)
+            )
+            if sha256 is not None
+        }
+        register_ensemble(session, name, job.name, members, now)
+    add_event(session, "job_done", f"job {job.name} done; ensemble {name}", now, job=job.name)
+    return name
+
+
+def register_ensemble(
+    session: Session, name: str, job: str, members: Mapping[int, str], now: float
+) -> EnsembleRecord:
+    """Freeze one trusted checkpoint per unit of `job` under `name`."""
+    job_rec = job_row(session, job)
+    if not name:
+        raise CatalogueError("invalid_argument", "an ensemble needs a name")
+    if session.get(Ensemble, name) is not None:
+        raise CatalogueError("already_exists", f"an ensemble named {name!r} already exists")
+    unit_ids = dict(
+        session.execute(select(Unit.unit, Unit.id).where(Unit.job_id == job_rec.id)).all()
+    )
+    if set(members) != set(unit_ids):
+        missing, extra = sorted(set(unit_ids) - set(members)), sorted(set(members) - set(unit_ids))
+        raise CatalogueError(
+            "invalid_argument",
+            f"ensemble {name!r} needs exactly one checkpoint for each unit of {job!r}; "
+            f"missing units {missing}, unknown units {extra}",
+        )
+    for unit, sha256 in members.items():
+        ckpt = get_checkpoint(session, sha256)
+        if (ckpt.job, ckpt.unit) != (job, unit):
+            raise CatalogueError(
+                "invalid_argument",
+                f"checkpoint {sha256[:12]} belongs to {ckpt.job} unit {ckpt.unit}, not unit {unit}",
+            )
+        if not ckpt.trusted:
+            raise CatalogueError(
+                "failed_precondition",
+                f"checkpoint {sha256[:12]} of unit {unit} was signed by a revoked worker",
+            )
+    session.add(Ensemble(name=name, job_id=job_rec.id, created_at=now))
+    session.flush()
+    session.add_all(
+        EnsembleMember(ensemble=name, unit_id=unit_ids[u], checkpoint_sha256=sha)
+        for u, sha in members.items()
+    )
+    session.flush()
+    return get_ensemble(session, name)
+
+
+def get_ensemble(session: Session, name: str) -> EnsembleRecord:
+    ensemble = session.get(Ensemble, name)
+    if ensemble is None:
+        raise CatalogueError("not_found", f"no ensemble named {name!r}")
+    return _ensemble_record(session, ensemble)
+
+
+def list_ensembles(session: Session) -> list[EnsembleRecord]:
+    ensembles = session.scalars(select(Ensemble).order_by(Ensemble.created_at, Ensemble.name))
+    return [_ensemble_record(session, e) for e in ensembles]
+
+
+def _ensemble_record(session: Session, ensemble: Ensemble) -> EnsembleRecord:
+    job = session.get_one(Job, ensemble.job_id)
+    rows = session.execute(
+        checkpoint_query()
+        .join(EnsembleMember, EnsembleMember.checkpoint_sha256 == Checkpoint.sha256)
+        .where(EnsembleMember.ensemble == ensemble.name)
+        .order_by(Unit.unit)
+    ).all()
+    members = tuple(
+        EnsembleMemberRecord(
+            unit=unit.unit,
+            timesteps=tuple(unit.timesteps),
+            checkpoint=checkpoint_record(ckpt, unit, unit_job, worker),
+        )
+        for ckpt, unit, unit_job, worker in rows
+    )
+    return EnsembleRecord(
+        name=ensemble.name,
+        job=job.name,
+        job_hash=job.job_hash,
+        spec_json=job.spec_json,
+        created_at=ensemble.created_at,
+        members=members,
+    )

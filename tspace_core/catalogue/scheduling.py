@@ -1,0 +1,238 @@
+"""Catalogue operations on jobs, units and leases; each runs in the caller's transaction."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+
+from sqlalchemy import CursorResult, and_, select, update
+from sqlalchemy.orm import Session
+
+from tspace_core.catalogue.enrolment import add_event
+from tspace_core.catalogue.errors import CatalogueError
+from tspace_core.catalogue.models import Job, Lease, Shard, Unit
+from tspace_core.catalogue.records import (
+    JOB_ACTIVE,
+    LEASE_ACTIVE,
+    LEASE_EXPIRED,
+    LEASE_FAILED,
+    UNIT_FAILED,
+    UNIT_LEASED,
+    UNIT_PENDING,
+    JobRecord,
+    LeaseRecord,
+    ShardRecord,
+    UnitRecord,
+)
+from tspace_core.catalogue.rows import (
+    job_records,
+    job_row,
+    lease_record,
+    lease_records,
+    lease_row,
+    owned_active_lease,
+    unit_record,
+    worker_row,
+)
+
+Choose = Callable[[list[UnitRecord]], UnitRecord | None]
+
+
+def create_job(
+    session: Session,
+    name: str,
+    job_hash: str,
+    spec_json: str,
+    units: Sequence[Sequence[int]],
+    total_steps: int,
+    shards: Sequence[ShardRecord],
+    now: float,
+) -> JobRecord:
+    """A new job with its units (numbered by position) and shards; the same job again is a no-op."""
+    existing = session.scalar(select(Job).where(Job.name == name))
+    if existing is not None:
+        if existing.job_hash == job_hash:
+            return job_records(session, [existing])[0]
+        raise CatalogueError(
+            "already_exists",
+            f"a different job named {name!r} exists (hash {existing.job_hash[:12]}); "
+            "choose another name",
+        )
+    if not units or any(len(timesteps) == 0 for timesteps in units):
+        raise CatalogueError("invalid_argument", f"job {name!r} needs units, each with timesteps")
+    if total_steps < 1:
+        raise CatalogueError("invalid_argument", f"total_steps must be >= 1, got {total_steps}")
+    job = Job(
+        name=name,
+        job_hash=job_hash,
+        spec_json=spec_json,
+        status=JOB_ACTIVE,
+        total_steps=total_steps,
+        created_at=now,
+    )
+    session.add(job)
+    session.flush()
+    session.add_all(
+        Unit(
+            job_id=job.id,
+            unit=index,
+            timesteps=[int(t) for t in timesteps],
+            status=UNIT_PENDING,
+            attempts=0,
+            last_error="",
+        )
+        for index, timesteps in enumerate(units)
+    )
+    session.add_all(
+        Shard(job_id=job.id, position=i, name=s.name, sha256=s.sha256, size=s.size, count=s.count)
+        for i, s in enumerate(shards)
+    )
+    session.flush()
+    return job_records(session, [job])[0]
+
+
+def get_job(session: Session, name: str) -> JobRecord:
+    return job_records(session, [job_row(session, name)])[0]
+
+
+def list_jobs(session: Session) -> list[JobRecord]:
+    return job_records(session, session.scalars(select(Job).order_by(Job.created_at, Job.id)))
+
+
+def units(session: Session, job: str | None = None) -> list[UnitRecord]:
+    """Units in job then unit order, with the progress of the active lease where there is one."""
+    query = (
+        select(Unit, Job, Lease)
+        .join(Job, Unit.job_id == Job.id)
+        .outerjoin(Lease, and_(Lease.unit_id == Unit.id, Lease.status == LEASE_ACTIVE))
+        .order_by(Job.created_at, Job.id, Unit.unit)
+    )
+    if job is not None:
+        query = query.where(Unit.job_id == job_row(session, job).id)
+    return [unit_record(u, j, lease) for u, j, lease in session.execute(query)]
+
+
+def acquire(
+    session: Session, worker_id: str, now: float, ttl: float, choose: Choose
+) -> LeaseRecord | None:
+    """Lease the pending unit of an active job that `choose` picks, or None when it picks none.
+
+    A unit is claimed by a conditional UPDATE (status still pending); when another thread won
+    it, the unit leaves the candidates and `choose` is asked again.
+    """
+    worker_row(session, worker_id, active=True)
+    if ttl <= 0:
+        raise CatalogueError("invalid_argument", f"lease ttl must be > 0 seconds, got {ttl}")
+    rows = session.execute(
+        select(Unit, Job)
+        .join(Job, Unit.job_id == Job.id)
+        .where(Unit.status == UNIT_PENDING, Job.status == JOB_ACTIVE)
+        .order_by(Job.created_at, Job.id, Unit.unit)
+    ).all()
+    ids = {(j.name, u.unit): u.id for u, j in rows}
+    candidates = [unit_record(u, j, None) for u, j in rows]
+    while candidates:
+        pick = choose(list(candidates))
+        if pick is None:
+            return None
+        key = (pick.job, pick.unit)
+        if key not in ids:
+            raise ValueError(f"choose returned unit {key}, which was not offered")
+        claimed: CursorResult[tuple[()]] = session.execute(  # type: ignore[assignment]
+            update(Unit)
+            .where(Unit.id == ids[key], Unit.status == UNIT_PENDING)
+            .values(status=UNIT_LEASED, attempts=Unit.attempts + 1)
+            .execution_options(synchronize_session=False)
+        )
+        if claimed.rowcount == 1:
+            attempt = session.scalar(select(Unit.attempts).where(Unit.id == ids[key]))
+            lease = Lease(
+                lease_id="l-" + secrets.token_hex(8),
+                unit_id=ids[key],
+                worker_id=worker_id,
+                attempt=int(attempt or 0),
+                expires_at=now + ttl,
+                status=LEASE_ACTIVE,
+                step=0,
+                loss=0.0,
+                images_per_s=0.0,
+                updated_at=now,
+            )
+            session.add(lease)
+            session.flush()
+            return lease_record(lease, pick.job, pick.unit)
+        candidates = [c for c in candidates if (c.job, c.unit) != key]
+    return None
+
+
+def heartbeat(
+    session: Session,
+    lease_id: str,
+    worker_id: str,
+    now: float,
+    ttl: float,
+    step: int,
+    loss: float,
+    images_per_s: float,
+) -> LeaseRecord:
+    """Record progress and extend the lease to now + ttl; refused once it has expired."""
+    lease = owned_active_lease(session, lease_id, worker_id)
+    if now > lease.expires_at:
+        raise CatalogueError(
+            "failed_precondition",
+            f"lease {lease_id!r} expired at {lease.expires_at:.3f}; acquire the unit again",
+        )
+    if ttl <= 0:
+        raise CatalogueError("invalid_argument", f"lease ttl must be > 0 seconds, got {ttl}")
+    lease.expires_at = now + ttl
+    lease.step, lease.loss, lease.images_per_s = step, loss, images_per_s
+    lease.updated_at = now
+    return lease_records(session, [lease])[0]
+
+
+def get_lease(session: Session, lease_id: str) -> LeaseRecord:
+    return lease_records(session, [lease_row(session, lease_id)])[0]
+
+
+def expire_leases(session: Session, now: float, max_attempts: int) -> list[LeaseRecord]:
+    """End every active lease past its expiry and requeue (or fail) its unit."""
+    leases = session.scalars(
+        select(Lease)
+        .where(Lease.status == LEASE_ACTIVE, Lease.expires_at < now)
+        .order_by(Lease.expires_at, Lease.lease_id)
+        .with_for_update()
+    ).all()
+    for lease in leases:
+        _end_lease(session, lease, LEASE_EXPIRED, "lease expired", now, max_attempts)
+    return lease_records(session, leases)
+
+
+def fail_lease(
+    session: Session, lease_id: str, worker_id: str, error: str, now: float, max_attempts: int
+) -> UnitRecord:
+    """End the lease as failed with `error`; the unit is requeued or, out of attempts, failed."""
+    lease = owned_active_lease(session, lease_id, worker_id)
+    return _end_lease(session, lease, LEASE_FAILED, error, now, max_attempts)
+
+
+def _end_lease(
+    session: Session, lease: Lease, status: str, error: str, now: float, max_attempts: int
+) -> UnitRecord:
+    unit = session.get_one(Unit, lease.unit_id)
+    job = session.get_one(Job, unit.job_id)
+    lease.status = status
+    lease.updated_at = now
+    unit.status = UNIT_FAILED if unit.attempts >= max_attempts else UNIT_PENDING
+    unit.last_error = error
+    outcome = "unit failed" if unit.status == UNIT_FAILED else "unit requeued"
+    add_event(
+        session,
+        f"lease_{status}",
+        f"lease {lease.lease_id} on {job.name} unit {unit.unit} {status} "
+        f"(attempt {lease.attempt}/{max_attempts}): {error}; {outcome}",
+        now,
+        job=job.name,
+        unit=unit.unit,
+        worker_id=lease.worker_id,
+    )
+    return unit_record(unit, job, None)

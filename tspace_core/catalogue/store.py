@@ -1,0 +1,263 @@
+"""The catalogue's one entry point: every method is one transaction and returns records.
+
+The coordinator is the only writer, but it serves RPCs from a thread pool, so a Catalogue keeps
+one engine and opens a session per call; it is safe to share between threads. Times are the
+coordinator's clock, passed in as `now` (float Unix seconds); nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import TypeVar
+
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from tspace_core.catalogue import enrolment, results, scheduling
+from tspace_core.catalogue.engine import WRITE_OPTION, make_engine, upgrade
+from tspace_core.catalogue.errors import CatalogueError
+from tspace_core.catalogue.records import (
+    CheckpointRecord,
+    EnsembleRecord,
+    EventRecord,
+    JobRecord,
+    LeaseRecord,
+    ShardRecord,
+    UnitRecord,
+    WorkerRecord,
+)
+
+__all__ = ["Catalogue", "CatalogueError"]
+
+T = TypeVar("T")
+# A transaction that lost a race (a unique key inserted meanwhile, a PostgreSQL deadlock or
+# serialisation failure) is run again from the start; the rerun sees the winner's rows.
+RETRIES = 3
+RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
+class Catalogue:
+    """Jobs, units, leases, workers, checkpoints, ensembles and events in one SQL database."""
+
+    def __init__(self, url: str) -> None:
+        """Open the catalogue at `url` (sqlite:///PATH or postgresql+psycopg://...) and migrate
+        it to the newest schema."""
+        self.url = url
+        self._engine = make_engine(url)
+        try:
+            upgrade(self._engine)
+        except OperationalError as e:
+            self._engine.dispose()
+            shown = self._engine.url.render_as_string(hide_password=True)
+            raise CatalogueError(
+                "failed_precondition",
+                f"cannot open the catalogue at {shown}: {e.orig}; "
+                "check that the database server is running and the URL is right",
+            ) from e
+        except BaseException:
+            self._engine.dispose()
+            raise
+        self._writer = self._engine.execution_options(**{WRITE_OPTION: True})
+
+    def close(self) -> None:
+        """Close every pooled connection; the catalogue is unusable afterwards."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Catalogue:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _run(self, work: Callable[[Session], T], *, write: bool = True) -> T:
+        for attempt in range(RETRIES):
+            try:
+                bind = self._writer if write else self._engine
+                with Session(bind) as session, session.begin():
+                    return work(session)
+            except (IntegrityError, OperationalError) as e:
+                retryable = isinstance(e, IntegrityError) or (
+                    getattr(e.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
+                )
+                if not retryable or attempt == RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    # Enrolment and workers.
+
+    def add_token(self, token_hash: str, site: str, expires_at: float) -> None:
+        """Enrol a one-time join token (stored by its hash) for `site`."""
+        self._run(lambda s: enrolment.add_token(s, token_hash, site, expires_at))
+
+    def register_worker(
+        self,
+        token_hash: str,
+        public_key: bytes,
+        key_id: str,
+        credential_hash: str,
+        device: str,
+        hostname: str,
+        now: float,
+    ) -> WorkerRecord:
+        """Consume a join token and register a worker's key and session credential."""
+        return self._run(
+            lambda s: enrolment.register_worker(
+                s, token_hash, public_key, key_id, credential_hash, device, hostname, now
+            )
+        )
+
+    def worker_by_credential(self, credential_hash: str) -> WorkerRecord | None:
+        """The worker holding this session credential (revoked ones too), or None."""
+        return self._run(lambda s: enrolment.worker_by_credential(s, credential_hash), write=False)
+
+    def touch_worker(self, worker_id: str, now: float) -> None:
+        """Record that the worker was seen at `now`."""
+        self._run(lambda s: enrolment.touch_worker(s, worker_id, now))
+
+    def list_workers(self) -> list[WorkerRecord]:
+        return self._run(enrolment.list_workers, write=False)
+
+    def get_worker(self, worker_id: str) -> WorkerRecord:
+        return self._run(lambda s: enrolment.get_worker(s, worker_id), write=False)
+
+    def revoke_worker(self, worker_id: str, now: float) -> WorkerRecord:
+        """Revoke a worker: its checkpoints become untrusted and it can lease no more units."""
+        return self._run(lambda s: enrolment.revoke_worker(s, worker_id, now))
+
+    # Jobs and units.
+
+    def create_job(
+        self,
+        name: str,
+        job_hash: str,
+        spec_json: str,
+        units: Sequence[Sequence[int]],
+        total_steps: int,
+        shards: Sequence[ShardRecord],
+        now: float,
+    ) -> JobRecord:
+        """Create a job whose unit i trains `units[i]`; the same name and hash again returns the
+        existing job unchanged, the same name with another hash is refused."""
+        return self._run(
+            lambda s: scheduling.create_job(
+                s, name, job_hash, spec_json, units, total_steps, shards, now
+            )
+        )
+
+    def get_job(self, name: str) -> JobRecord:
+        return self._run(lambda s: scheduling.get_job(s, name), write=False)
+
+    def list_jobs(self) -> list[JobRecord]:
+        """Every job, oldest first, with its unit counts."""
+        return self._run(scheduling.list_jobs, write=False)
+
+    def units(self, job: str | None = None) -> list[UnitRecord]:
+        """Units (of one job, or all), with the progress of their active leases."""
+        return self._run(lambda s: scheduling.units(s, job), write=False)
+
+    # Leases.
+
+    def acquire(
+        self,
+        worker_id: str,
+        now: float,
+        ttl: float,
+        choose: Callable[[list[UnitRecord]], UnitRecord | None],
+    ) -> LeaseRecord | None:
+        """Lease the pending unit `choose` picks (a pure policy) for `ttl` seconds; None when no
+        unit is pending or `choose` picks none. No unit is ever leased twice at once."""
+        return self._run(lambda s: scheduling.acquire(s, worker_id, now, ttl, choose))
+
+    def heartbeat(
+        self,
+        lease_id: str,
+        worker_id: str,
+        now: float,
+        ttl: float,
+        step: int,
+        loss: float,
+        images_per_s: float,
+    ) -> LeaseRecord:
+        """Record progress and extend an active, unexpired lease to now + ttl."""
+        return self._run(
+            lambda s: scheduling.heartbeat(
+                s, lease_id, worker_id, now, ttl, step, loss, images_per_s
+            )
+        )
+
+    def get_lease(self, lease_id: str) -> LeaseRecord:
+        return self._run(lambda s: scheduling.get_lease(s, lease_id), write=False)
+
+    def expire_leases(self, now: float, max_attempts: int) -> list[LeaseRecord]:
+        """Expire active leases past their expiry; each unit goes back to pending, or to failed
+        once it has had `max_attempts` leases. Logs a "lease_expired" event per lease."""
+        return self._run(lambda s: scheduling.expire_leases(s, now, max_attempts))
+
+    def fail_lease(
+        self, lease_id: str, worker_id: str, error: str, now: float, max_attempts: int
+    ) -> UnitRecord:
+        """End a lease the worker gave up on; requeue or fail the unit as `expire_leases` does.
+        Logs a "lease_failed" event and returns the unit."""
+        return self._run(
+            lambda s: scheduling.fail_lease(s, lease_id, worker_id, error, now, max_attempts)
+        )
+
+    # Checkpoints, completion and ensembles.
+
+    def add_checkpoint(self, rec: CheckpointRecord) -> tuple[CheckpointRecord, bool]:
+        """Record a verified checkpoint of an existing unit; (record, created). Idempotent by
+        digest: a known sha256 returns (existing record, False)."""
+        return self._run(lambda s: results.add_checkpoint(s, rec))
+
+    def get_checkpoint(self, sha256: str) -> CheckpointRecord:
+        return self._run(lambda s: results.get_checkpoint(s, sha256), write=False)
+
+    def newest_checkpoint(self, job: str, unit: int) -> CheckpointRecord | None:
+        """The unit's trusted, verified checkpoint with the highest step: where to resume."""
+        return self._run(lambda s: results.newest_checkpoint(s, job, unit), write=False)
+
+    def list_checkpoints(
+        self, job: str | None = None, unit: int | None = None
+    ) -> list[CheckpointRecord]:
+        return self._run(lambda s: results.list_checkpoints(s, job, unit), write=False)
+
+    def complete_unit(self, lease_id: str, worker_id: str, sha256: str, now: float) -> str | None:
+        """Mark the lease's unit done with its final checkpoint `sha256`. When it was the job's
+        last unit, the job is done and ensemble "<job>:final" registered: its name is returned
+        (and a "job_done" event logged); otherwise None."""
+        return self._run(lambda s: results.complete_unit(s, lease_id, worker_id, sha256, now))
+
+    def register_ensemble(
+        self, name: str, job: str, members: Mapping[int, str], now: float
+    ) -> EnsembleRecord:
+        """Register `name` as the ensemble {unit: checkpoint sha256} covering every unit of job."""
+        return self._run(lambda s: results.register_ensemble(s, name, job, members, now))
+
+    def get_ensemble(self, name: str) -> EnsembleRecord:
+        return self._run(lambda s: results.get_ensemble(s, name), write=False)
+
+    def list_ensembles(self) -> list[EnsembleRecord]:
+        return self._run(results.list_ensembles, write=False)
+
+    # Events.
+
+    def add_event(
+        self,
+        kind: str,
+        message: str,
+        now: float,
+        job: str | None = None,
+        unit: int | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self._run(lambda s: enrolment.add_event(s, kind, message, now, job, unit, worker_id))
+
+    def events(self, limit: int = 50) -> list[EventRecord]:
+        """The newest `limit` events, newest first."""
+        return self._run(lambda s: enrolment.events(s, limit), write=False)

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code, tspace_core.proto; regenerate: python tools/gen_protos.py."""

@@ -1,0 +1,133 @@
+"""Sampling a registered ensemble: from a running coordinator, or from a catalogue and its
+blob store. Every member is verified (digest, signature, signer trusted) before it is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import torch
+from torch import nn
+
+from tspace_core.catalogue.records import CheckpointRecord, EnsembleRecord
+from tspace_core.checkpoint import load_checkpoint
+from tspace_core.ensemble import Chain, model_from_checkpoint
+from tspace_core.errors import CheckpointError, SignatureError, TspaceError
+from tspace_core.fsio import sha256_file
+from tspace_core.sampling import EnsemblePredictor
+from tspace_core.signing import Statement, verify
+from tspace_core.states import LatentStates
+
+TIMEOUT_S = 60.0
+
+
+def verify_member(record: CheckpointRecord, path: Path) -> None:
+    """Refuse a member unless its file, digest, signature and signer all check out."""
+    where = f"unit {record.unit}"
+    if not record.trusted:
+        raise CheckpointError(f"{where}: its checkpoint was signed by a revoked worker; retrain it")
+    try:
+        statement = Statement.from_bytes(record.statement)
+        verify(record.public_key, record.statement, record.signature)
+    except SignatureError as exc:
+        raise CheckpointError(f"{where}: the signature does not verify ({exc})") from None
+    if (statement.sha256, statement.job, statement.unit) != (
+        record.sha256,
+        record.job,
+        record.unit,
+    ):
+        raise CheckpointError(f"{where}: the signed statement is for another checkpoint")
+    if not path.is_file():
+        raise CheckpointError(f"{where}: checkpoint {record.sha256[:12]} is missing from the store")
+    digest = sha256_file(path)
+    if digest != record.sha256:
+        raise CheckpointError(
+            f"{where}: checkpoint digest {digest[:12]} differs from the recorded "
+            f"{record.sha256[:12]}; the file is corrupt"
+        )
+
+
+def assemble(
+    record: EnsembleRecord,
+    paths: dict[int, Path],
+    timesteps: tuple[int, ...],
+    alphas: tuple[float, ...],
+    device: torch.device | str = "cpu",
+) -> tuple[EnsemblePredictor, Chain]:
+    """The predictor and chain of an ensemble whose member files are verified."""
+    units: list[tuple[tuple[int, ...], nn.Module]] = []
+    meta: dict = {}
+    for member in record.members:
+        verify_member(member.checkpoint, paths[member.unit])
+        ckpt = load_checkpoint(paths[member.unit])
+        meta = ckpt.meta
+        units.append(
+            (member.timesteps, model_from_checkpoint(ckpt, member.unit, member.timesteps, device))
+        )
+    config = meta["unet_config"]
+    side, channels = config["sample_size"], config["in_channels"]
+    chain = Chain(
+        LatentStates(timesteps, alphas),
+        (channels, side, side),
+        config.get("num_class_embeds") or 0,
+        meta["prediction_type"],
+    )
+    return EnsemblePredictor.from_units(units), chain
+
+
+def from_catalogue(
+    url: str, store: Path, name: str, device: torch.device | str = "cpu"
+) -> tuple[EnsemblePredictor, Chain]:
+    """Read the ensemble from a catalogue and its members from the coordinator's blob store."""
+    from tspace_core.blobs import BlobStore
+    from tspace_core.catalogue import Catalogue
+
+    catalogue = Catalogue(url)
+    try:
+        record = catalogue.get_ensemble(name)
+    finally:
+        catalogue.close()
+    resolved = json.loads(record.spec_json)
+    blobs = BlobStore(store)
+    paths = {m.unit: blobs.path(m.checkpoint.sha256) for m in record.members}
+    return assemble(
+        record, paths, tuple(resolved["latent_states"]), tuple(resolved["alphas_cumprod"]), device
+    )
+
+
+def from_coordinator(
+    address: str, credential: str, name: str, cache: Path, device: torch.device | str = "cpu"
+) -> tuple[EnsemblePredictor, Chain]:
+    """Fetch the ensemble and its members from a running coordinator (admin credential)."""
+    from tspace_core import serde
+    from tspace_core.proto.tspace.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
+    from tspace_core.rpc import ADMIN_HEADER, insecure_channel, iter_stream
+
+    metadata = ((ADMIN_HEADER, credential),)
+    with insecure_channel(address) as channel:
+        try:
+            proto = admin_pb2_grpc.AdminServiceStub(channel).GetEnsemble(
+                admin_pb2.GetEnsembleRequest(name=name), timeout=TIMEOUT_S, metadata=metadata
+            )
+            record, timesteps, alphas = serde.ensemble_from_proto(proto)
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            paths = {}
+            for member in record.members:
+                ref = member.checkpoint
+                path = cache / ref.sha256
+                if not path.exists() or sha256_file(path) != ref.sha256:
+                    cache.mkdir(parents=True, exist_ok=True)
+                    stream = stub.FetchCheckpoint(
+                        worker_pb2.FetchRequest(sha256=ref.sha256),
+                        timeout=600.0,
+                        metadata=metadata,
+                    )
+                    path.write_bytes(b"".join(iter_stream(stream, expected_size=ref.size)))
+                paths[member.unit] = path
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise TspaceError(f"the coordinator at {address} is unreachable") from None
+            raise TspaceError(f"{exc.details()} ({code.name})") from None
+    return assemble(record, paths, timesteps, alphas, device)

@@ -1,0 +1,1 @@
+"""The tspace worker: joins a coordinator, leases units, trains, uploads signed checkpoints."""

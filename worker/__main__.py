@@ -1,0 +1,5 @@
+"""`python -m worker` runs `tspace-worker`."""
+
+from worker.cli import main
+
+main()

@@ -1,0 +1,124 @@
+"""`tspace-worker`: join a coordinator and train the units it hands out."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from tspace_core.errors import TspaceError
+
+app = typer.Typer(
+    help="tspace-worker: train T-space units for a coordinator.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """tspace-worker: train T-space units for a coordinator."""
+
+
+def _display(progress: Progress | None):
+    """A display callback: a rich bar in a terminal, a log line every 10% otherwise."""
+    from worker.agent import UnitReport
+
+    tasks: dict[tuple[str, int], TaskID] = {}
+    log = logging.getLogger("tspace.worker")
+
+    def show(r: UnitReport) -> None:
+        key = (r.job, r.unit)
+        info = f"loss {r.loss:.4f}  {r.images_per_s:.0f} img/s"
+        if progress is not None:
+            if key not in tasks:
+                tasks[key] = progress.add_task(f"{r.job} unit {r.unit}", total=r.total, info="")
+            progress.update(tasks[key], completed=r.step, info=info)
+        elif r.step == r.total or r.step % max(r.total // 10, 1) == 0:
+            log.info("%s unit %d: step %d/%d, %s", r.job, r.unit, r.step, r.total, info)
+
+    return show
+
+
+@app.command()
+def join(
+    coordinator: Annotated[str, typer.Option(help="Coordinator address, host:port.")],
+    token: Annotated[str | None, typer.Option(help="One-time join token (first run only).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Folder of local shards to use.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Key, credential and cache.")] = Path(
+        "~/.tspace/worker"
+    ),
+    keep_alive: Annotated[bool, typer.Option(help="Wait for new jobs instead of exiting.")] = False,
+) -> None:
+    """Register with the coordinator (once), then lease and train units until none are left."""
+    import torch
+
+    from worker.agent import WorkerOptions, device_description, work_loop
+    from worker.client import Session
+    from worker.identity import join as join_coordinator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TspaceError(f"--device {device}: no CUDA device is available here; use cpu")
+    opts = WorkerOptions(state_dir.expanduser(), device, data, keep_alive)
+    identity, key = join_coordinator(opts.state_dir, coordinator, token, device_description(device))
+    logging.getLogger("tspace.worker").info(
+        "worker %s (site %s, key %s) joined %s",
+        identity.worker_id,
+        identity.site,
+        identity.key_id,
+        coordinator,
+    )
+    session = Session(coordinator, identity.credential)
+    try:
+        if err_console.is_terminal:
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+            )
+            with Progress(*columns, console=err_console) as progress:
+                code = work_loop(session, identity, key, opts, _display(progress))
+        else:
+            code = work_loop(session, identity, key, opts, _display(None))
+    finally:
+        session.close()
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Entry point: user errors print one clear line and exit 2, never a traceback."""
+    try:
+        app()
+    except TspaceError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except grpc.RpcError as exc:
+        err_console.print(
+            f"[bold red]error:[/] the coordinator refused: {exc.details()} ({exc.code().name})",
+            highlight=False,
+        )
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
