@@ -56,6 +56,12 @@ def assemble(
     device: torch.device | str = "cpu",
 ) -> tuple[EnsemblePredictor, Chain]:
     """The predictor and chain of an ensemble whose member files are verified."""
+    untrusted = [m.unit for m in record.members if not m.checkpoint.trusted]
+    if untrusted:
+        raise CheckpointError(
+            f"unit{'s' if len(untrusted) > 1 else ''} {', '.join(map(str, untrusted))}: signed by "
+            f"a revoked worker; {record.name} cannot be sampled until they are retrained"
+        )
     units: list[tuple[tuple[int, ...], nn.Module]] = []
     meta: dict = {}
     for member in record.members:

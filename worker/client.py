@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from tspace_core.rpc import (
     CHUNK_BYTES,
     CREDENTIAL_HEADER,
     RetryPolicy,
+    backoff_delays,
     call_with_retry,
     file_chunks,
     insecure_channel,
@@ -65,6 +67,7 @@ class Session:
             return dest
         part = dest.with_name(dest.name + ".part")
         part.parent.mkdir(parents=True, exist_ok=True)
+        delays = backoff_delays(RETRY)
         for attempt in range(RETRY.attempts):
             offset = part.stat().st_size if part.exists() else 0
             try:
@@ -73,7 +76,7 @@ class Session:
             except grpc.RpcError as err:
                 if err.code() not in RETRY.retryable or attempt == RETRY.attempts - 1:
                     raise
-                time.sleep(min(2**attempt, 10))
+                time.sleep(next(delays))
         if sha256_file(part) != sha256:
             part.unlink()
             raise TspaceError(f"downloaded {dest.name} does not match its digest {sha256[:12]}")
@@ -98,6 +101,7 @@ class Session:
         Returns None when the lease is gone (the coordinator refuses the upload for good).
         """
         size = path.stat().st_size
+        delays = backoff_delays(RETRY)
         for attempt in range(RETRY.attempts):
             try:
                 status = self.call(
@@ -125,7 +129,7 @@ class Session:
                 if code not in RETRY.retryable or attempt == RETRY.attempts - 1:
                     raise
                 log.warning("upload of %s interrupted (%s); resuming", path.name, code.name)
-                time.sleep(min(2**attempt, 10))
+                time.sleep(next(delays))
         return None
 
 
@@ -146,11 +150,13 @@ def wait_for_coordinator(
         except grpc.RpcError as err:
             if err.code() not in RETRY.retryable or stop():
                 raise
+            # Jittered, so many workers cut off together do not return in lockstep.
+            wait = delay * (0.5 + random.random() / 2)
             log.warning(
-                "%s: coordinator unreachable (%s); retrying in %.0f s",
+                "%s: coordinator unreachable (%s); retrying in %.1f s",
                 describe,
                 err.code().name,
-                delay,
+                wait,
             )
-            time.sleep(delay)
+            time.sleep(wait)
             delay = min(delay * 2, 30.0)

@@ -85,6 +85,10 @@ def test_distributed_training_equals_tspace_train(tmp_path: Path) -> None:
     local = run(*tspace("train", str(job), "--out", str(tmp_path / "local"), "--threads", "1"))
     assert local.returncode == 0, local.stderr
 
+    # Site 0 holds the data already, packed the same way: it trains from its own copy.
+    site_data = tmp_path / "site-data"
+    packed = run(*tspace("data", "pack", "digits", str(site_data), "--shards", "2"))
+    assert packed.returncode == 0, packed.stderr
     coord = tmp_path / "coord"
     server = _start_coordinator(coord)
     workers = []
@@ -95,29 +99,26 @@ def test_distributed_training_equals_tspace_train(tmp_path: Path) -> None:
         assert created.returncode == 0, created.stderr
         for i in range(2):
             token = run(*admin, "enroll", "--site", f"s{i}", "--dir", str(coord)).stdout.strip()
+            local = ["--data", str(site_data)] if i == 0 else []
+            args = ["join", "--coordinator", address, "--token", token, "--threads", "1"]
+            log = (tmp_path / f"worker-{i}.log").open("w")
             workers.append(
                 subprocess.Popen(
                     [
                         sys.executable,
                         "-m",
                         "worker",
-                        "join",
-                        "--coordinator",
-                        address,
-                        "--token",
-                        token,
-                        "--threads",
-                        "1",
+                        *args,
                         "--state-dir",
                         str(tmp_path / f"w{i}"),
+                        *local,
                     ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    text=True,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             )
-        for w in workers:
-            assert w.wait(timeout=300) == 0, w.stderr.read() if w.stderr else ""
+        for i, w in enumerate(workers):
+            assert w.wait(timeout=300) == 0, (tmp_path / f"worker-{i}.log").read_text()
         grid = tmp_path / "remote.npz"
         sampled = run(
             *tspace(
@@ -164,6 +165,11 @@ def test_distributed_training_equals_tspace_train(tmp_path: Path) -> None:
             assert a.keys() == b.keys()
             worst = max(float((a[k] - b[k]).abs().max()) for k in a)
             assert worst < 1e-5, (member.unit, prefix, worst)
+    site0 = (tmp_path / "worker-0.log").read_text()
+    if "leased unit" in site0:  # site 0 took part: its data came from its own disk
+        assert "using local shard" in site0
+        fetched = tmp_path / "w0" / "blobs"
+        assert not fetched.exists() or not any(fetched.iterdir())
     assert not torch.equal(
         unpack(
             load_checkpoint(tmp_path / "local" / manifest.members[0].checkpoint).tensors, "model"
@@ -172,6 +178,40 @@ def test_distributed_training_equals_tspace_train(tmp_path: Path) -> None:
             load_checkpoint(tmp_path / "local" / manifest.members[1].checkpoint).tensors, "model"
         )["conv_in.weight"],
     ), "units must be trained independently, not share weights"
+
+    # The same ensemble straight from the catalogue and blob store; then every member must
+    # verify: a corrupted blob and a revoked signer are refused, naming the unit.
+    url = f"sqlite:///{coord / 'catalogue.db'}"
+    sample = (
+        "sample",
+        "--ensemble",
+        "agree:final",
+        "--catalogue",
+        url,
+        "--store",
+        str(coord / "blobs"),
+        "--n",
+        "4",
+        "--out",
+        str(tmp_path / "cat.png"),
+    )
+    assert run(*tspace(*sample)).returncode == 0
+    victim = blobs.path(remote[1].sha256)
+    original = victim.read_bytes()
+    victim.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    corrupt = run(*tspace(*sample))
+    assert corrupt.returncode == 2 and "unit 1" in corrupt.stderr and "corrupt" in corrupt.stderr
+    victim.write_bytes(original)
+    catalogue = Catalogue(url)
+    try:
+        catalogue.revoke_worker(remote[2].worker_id, time.time())
+    finally:
+        catalogue.close()
+    revoked = run(*tspace(*sample))
+    signed = sorted(u for u, ckpt in remote.items() if ckpt.worker_id == remote[2].worker_id)
+    named = f"unit{'s' if len(signed) > 1 else ''} {', '.join(map(str, signed))}:"
+    assert revoked.returncode == 2 and named in revoked.stderr and "revoked" in revoked.stderr
+    assert "Traceback" not in corrupt.stderr + revoked.stderr
 
 
 @pytest.mark.parametrize(
