@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -14,6 +13,7 @@ import typer
 from rich.console import Console
 
 from coordinator.config import ADMIN_CREDENTIAL_FILE, init_dir, load_config, read_admin_credential
+from tspace_core.console import run_cli
 from tspace_core.errors import TspaceError
 
 app = typer.Typer(
@@ -132,10 +132,4 @@ def enroll(
 
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2, never a traceback."""
-    try:
-        app()
-    except TspaceError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(app)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from tspace_core.console import run_cli
 from tspace_core.errors import TspaceError
 
 app = typer.Typer(
@@ -320,11 +320,4 @@ def quickstart(
 
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2, never a traceback."""
-    try:
-        app()
-    except TspaceError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+    run_cli(app)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
-import grpc
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -19,6 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from tspace_core.console import run_cli
 from tspace_core.errors import TspaceError
 
 app = typer.Typer(
@@ -109,16 +108,4 @@ def join(
 
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2, never a traceback."""
-    try:
-        app()
-    except TspaceError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
-    except grpc.RpcError as exc:
-        err_console.print(
-            f"[bold red]error:[/] the coordinator refused: {exc.details()} ({exc.code().name})",
-            highlight=False,
-        )
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(app)
