@@ -82,6 +82,13 @@ def receive_checkpoint(
     lease = owned_lease(state, context, header.lease_id, worker)
     job = state.catalogue.get_job(lease.job)
     statement = _check_statement(context, header, lease, worker, job.job_hash)
+    if statement.step > job.total_steps or statement.final != (statement.step == job.total_steps):
+        abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"step {statement.step} (final={statement.final}) does not fit a unit of "
+            f"{job.total_steps} steps: only the checkpoint at the last step is final",
+        )
     existing = found(lambda: state.catalogue.get_checkpoint(header.sha256))
     if existing is not None:
         return worker_pb2.UploadResponse(

@@ -22,6 +22,7 @@ from coordinator.uploads import receive_checkpoint
 from tspace_core import serde
 from tspace_core.catalogue import CatalogueError
 from tspace_core.catalogue.records import JOB_ACTIVE, UNIT_LEASED, UNIT_PENDING, LeaseRecord
+from tspace_core.errors import BlobError
 from tspace_core.proto.tspace.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tspace_core.rpc import CHUNK_BYTES
 from tspace_core.signing import key_id
@@ -193,7 +194,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             self.state.worker(context)
 
     def _stream(self, sha256: str, offset: int) -> Iterator[common_pb2.DataChunk]:
-        position = max(offset, 0)
+        if offset < 0:
+            raise BlobError(f"offset {offset} is negative; fetch from 0 or a later byte")
+        position = offset
         for chunk in self.state.blobs.read_chunks(sha256, position, CHUNK_BYTES):
             yield common_pb2.DataChunk(offset=position, data=chunk)
             position += len(chunk)
