@@ -221,3 +221,66 @@ def test_bad_sampling_and_quickstart_arguments_are_clear(args: list[str], tmp_pa
     result = run(*tspace(*args), cwd=tmp_path)
     assert result.returncode == 2
     assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_worker_waits_for_an_unreachable_coordinator(tmp_path: Path) -> None:
+    """A worker started before its coordinator keeps retrying, then joins and trains."""
+    import socket
+
+    coord = tmp_path / "coord"
+    assert run("-m", "coordinator", "init", str(coord)).returncode == 0
+    server = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "serve", str(coord), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    job = tmp_path / "job.toml"
+    job.write_text(JOB.replace("steps = 6", "steps = 2").replace("count = 3", "count = 2"))
+    try:
+        address = _wait_address(coord)
+        assert (
+            run("-m", "coordinator", "job", "create", str(job), "--dir", str(coord)).returncode == 0
+        )
+        token = run("-m", "coordinator", "enroll", "--site", "late", "--dir", str(coord)).stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    port = int(address.rsplit(":", 1)[1])
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "join",
+            "--coordinator",
+            address,
+            "--token",
+            token.strip(),
+            "--threads",
+            "1",
+            "--state-dir",
+            str(tmp_path / "w"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "unreachable" not in (tmp_path / "worker.log").read_text():
+            assert time.monotonic() < deadline and worker.poll() is None
+            time.sleep(0.2)
+        with socket.socket() as probe:  # the port is still free: nobody else took it meanwhile
+            probe.bind(("127.0.0.1", port))
+        server = subprocess.Popen(
+            [sys.executable, "-m", "coordinator", "serve", str(coord), "--listen", address],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        assert worker.wait(timeout=180) == 0, (tmp_path / "worker.log").read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        server.terminate()
+        server.wait(timeout=30)
+    assert (tmp_path / "worker.log").read_text().count("completed") == 2
