@@ -90,9 +90,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         interval = max(request.interval_s, 0.1) if request.interval_s > 0 else 0.0
         while True:
             yield self.snapshot()
-            if not interval or not context.is_active():
+            if not interval:
                 return
             time.sleep(interval)
+            if not context.is_active():  # the client left while we slept: build nothing more
+                return
 
     def snapshot(self) -> admin_pb2.StatusSnapshot:
         catalogue, now = self.state.catalogue, self.state.clock()

@@ -55,13 +55,20 @@ def serve(
     insecure: Annotated[
         bool, typer.Option(help="Allow plaintext on a non-loopback address.")
     ] = False,
+    metrics: Annotated[
+        str | None, typer.Option(help="Serve Prometheus metrics on host:port, e.g. 127.0.0.1:9100.")
+    ] = None,
 ) -> None:
     """Serve workers and admins until interrupted (SIGINT or SIGTERM)."""
     from coordinator.server import serve as start
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    coordinator = start(folder, load_config(folder), listen, insecure, folder / ADDRESS_FILE)
+    coordinator = start(
+        folder, load_config(folder), listen, insecure, folder / ADDRESS_FILE, metrics
+    )
     console.print(f"coordinator serving on {coordinator.address}", highlight=False)
+    if coordinator.metrics_address:
+        console.print(f"metrics on http://{coordinator.metrics_address}/metrics", highlight=False)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
@@ -128,6 +135,22 @@ def enroll(
 
     response = _admin_call(folder, "Enroll", admin_pb2.EnrollRequest(site=site, ttl_s=ttl))
     print(response.token)  # type: ignore[attr-defined]
+
+
+@app.command()
+def status(
+    folder: DirOption = Path("."),
+    once: Annotated[bool, typer.Option(help="Print one snapshot and exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one snapshot as JSON.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+) -> None:
+    """A live dashboard of jobs, units, workers and events (^C to leave)."""
+    from coordinator.dashboard import run_status
+
+    if not 0.1 <= interval <= 3600:
+        raise TspaceError("--interval must be between 0.1 and 3600 seconds")
+    address, credential = admin_target(folder)
+    run_status(address, credential, once=once, as_json=as_json, interval=interval)
 
 
 def main() -> None:

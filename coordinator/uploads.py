@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import grpc
 
+from coordinator.metrics import RejectReason
 from coordinator.state import (
     MAX_TEXT,
     CoordinatorState,
@@ -29,36 +32,70 @@ MAX_CHUNK = CHUNK_BYTES + 64 * 1024
 MAX_METRICS = 64
 
 
+@dataclass
+class UploadCheck:
+    """The check an upload has reached, so that a refused upload is counted under why
+    (the rejections metric). An explicit refusal names its reason with `reject`; an error
+    raised deeper down (a signature that does not verify, a digest that does not match, a lease
+    that is gone) counts under the check that `at` marks as under way. Interceptors see only
+    the status code, which several checks share, so they cannot tell these apart."""
+
+    reason: RejectReason = "other"
+
+    @contextmanager
+    def at(self, reason: RejectReason) -> Iterator[None]:
+        outer = self.reason
+        self.reason = reason
+        yield
+        self.reason = outer  # skipped when the check fails: the failure keeps its reason
+
+    def reject(
+        self,
+        context: grpc.ServicerContext,
+        reason: RejectReason,
+        code: grpc.StatusCode,
+        message: str,
+    ) -> NoReturn:
+        self.reason = reason
+        abort(context, code, message)
+
+
 def _check_statement(
     context: grpc.ServicerContext,
     header: worker_pb2.UploadHeader,
     lease: LeaseRecord,
     worker: WorkerRecord,
     job_hash: str,
+    check: UploadCheck,
 ) -> Statement:
-    statement = Statement.from_bytes(bytes(header.statement))
-    expected = {
-        "job": lease.job,
-        "job_hash": job_hash,
-        "unit": lease.unit,
-        "attempt": lease.attempt,
-        "sha256": header.sha256,
-        "size": header.size,
-        "key_id": worker.key_id,
-    }
-    for name, value in expected.items():
-        if getattr(statement, name) != value:
-            abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"statement {name} is {getattr(statement, name)!r}, the upload needs {value!r}",
-            )
-    verify(worker.public_key, bytes(header.statement), bytes(header.signature))
+    with check.at("statement"):
+        statement = Statement.from_bytes(bytes(header.statement))
+        expected = {
+            "job": lease.job,
+            "job_hash": job_hash,
+            "unit": lease.unit,
+            "attempt": lease.attempt,
+            "sha256": header.sha256,
+            "size": header.size,
+            "key_id": worker.key_id,
+        }
+        for name, value in expected.items():
+            if getattr(statement, name) != value:
+                abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"statement {name} is {getattr(statement, name)!r}, the upload needs {value!r}",
+                )
+    with check.at("signature"):
+        verify(worker.public_key, bytes(header.statement), bytes(header.signature))
     return statement
 
 
 def _header(
-    state: CoordinatorState, context: grpc.ServicerContext, chunks: Iterator[worker_pb2.UploadChunk]
+    state: CoordinatorState,
+    context: grpc.ServicerContext,
+    chunks: Iterator[worker_pb2.UploadChunk],
+    check: UploadCheck,
 ) -> worker_pb2.UploadHeader:
     first = next(chunks, None)
     if first is None or first.WhichOneof("part") != "header":
@@ -66,7 +103,8 @@ def _header(
     header = first.header
     limit = state.config.max_checkpoint_bytes
     if not 0 < header.size <= limit:
-        abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"size {header.size} not in 1..{limit}")
+        message = f"size {header.size} not in 1..{limit}"
+        check.reject(context, "size", grpc.StatusCode.INVALID_ARGUMENT, message)
     if not 0 <= header.offset <= header.size:
         abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"offset {header.offset} out of range")
     return header
@@ -77,14 +115,20 @@ def receive_checkpoint(
     context: grpc.ServicerContext,
     worker: WorkerRecord,
     chunks: Iterator[worker_pb2.UploadChunk],
+    check: UploadCheck | None = None,
 ) -> worker_pb2.UploadResponse:
-    header = _header(state, context, chunks)
-    lease = owned_lease(state, context, header.lease_id, worker)
+    """Receive, verify and register one upload; `check` ends at the check that refused it."""
+    check = UploadCheck() if check is None else check
+    with check.at("format"):
+        header = _header(state, context, chunks, check)
+    with check.at("lease"):
+        lease = owned_lease(state, context, header.lease_id, worker)
     job = state.catalogue.get_job(lease.job)
-    statement = _check_statement(context, header, lease, worker, job.job_hash)
+    statement = _check_statement(context, header, lease, worker, job.job_hash, check)
     if statement.step > job.total_steps or statement.final != (statement.step == job.total_steps):
-        abort(
+        check.reject(
             context,
+            "statement",
             grpc.StatusCode.INVALID_ARGUMENT,
             f"step {statement.step} (final={statement.final}) does not fit a unit of "
             f"{job.total_steps} steps: only the checkpoint at the last step is final",
@@ -95,20 +139,22 @@ def receive_checkpoint(
             checkpoint=serde.checkpoint_to_proto(existing), already_registered=True
         )
     key = upload_key(lease, header.sha256)
-    received = _receive_data(state, context, key, header, chunks)
+    received = _receive_data(state, context, key, header, chunks, check)
     if received < header.size:
-        abort(
+        check.reject(
             context,
+            "incomplete",
             grpc.StatusCode.FAILED_PRECONDITION,
             f"upload incomplete: {received} of {header.size} bytes; resume from offset {received}",
         )
     # The same bytes may be in the store already as something else (a job's data shard).
     existed = state.blobs.has(header.sha256)
-    path = state.blobs.finish(key, header.sha256, header.size)
+    with check.at("digest"):
+        path = state.blobs.finish(key, header.sha256, header.size)
     try:
-        record, created = state.catalogue.add_checkpoint(
-            _record(state, context, path, statement, header, worker)
-        )
+        with check.at("format"):
+            candidate = _record(state, context, path, statement, header, worker)
+        record, created = state.catalogue.add_checkpoint(candidate)
     except BaseException:
         # Nothing half-registered: an unverifiable file does not stay in the store, but a blob
         # this upload did not bring is not this upload's to delete.
@@ -134,18 +180,22 @@ def _receive_data(
     key: str,
     header: worker_pb2.UploadHeader,
     chunks: Iterator[worker_pb2.UploadChunk],
+    check: UploadCheck,
 ) -> int:
     offset = state.blobs.upload_offset(key)
     if header.offset != offset:
-        abort(
+        check.reject(
             context,
+            "incomplete",
             grpc.StatusCode.FAILED_PRECONDITION,
             f"upload offset {header.offset} does not match the {offset} bytes held; resume there",
         )
     for chunk in chunks:
         if chunk.WhichOneof("part") != "data" or len(chunk.data) > MAX_CHUNK:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "expected data chunks of <= 1 MiB")
-        offset = state.blobs.append(key, offset, bytes(chunk.data), max_size=header.size)
+            message = "expected data chunks of <= 1 MiB"
+            check.reject(context, "format", grpc.StatusCode.INVALID_ARGUMENT, message)
+        with check.at("size"):  # the only way a valid append fails: beyond the signed size
+            offset = state.blobs.append(key, offset, bytes(chunk.data), max_size=header.size)
     return offset
 
 

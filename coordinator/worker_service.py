@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import grpc
 
 from coordinator.config import hash_secret, new_secret
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import choose_unit, retry_after
 from coordinator.state import (
     MAX_TEXT,
@@ -18,7 +19,7 @@ from coordinator.state import (
     owned_lease,
     upload_key,
 )
-from coordinator.uploads import receive_checkpoint
+from coordinator.uploads import UploadCheck, receive_checkpoint
 from tspace_core import serde
 from tspace_core.catalogue import CatalogueError
 from tspace_core.catalogue.records import JOB_ACTIVE, UNIT_LEASED, UNIT_PENDING, LeaseRecord
@@ -29,8 +30,9 @@ from tspace_core.signing import key_id
 
 
 class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, state: CoordinatorState) -> None:
+    def __init__(self, state: CoordinatorState, metrics: CoordinatorMetrics | None = None) -> None:
         self.state = state
+        self.metrics = CoordinatorMetrics(state.catalogue) if metrics is None else metrics
 
     @handles_errors
     def Register(self, request, context):
@@ -111,6 +113,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     @handles_errors
     def Heartbeat(self, request, context):
         worker = self.state.worker(context)
+        self.metrics.heartbeats.inc()
         ttl = self.state.config.lease_ttl_s
         try:
             self.state.catalogue.heartbeat(
@@ -139,8 +142,16 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
 
     @handles_errors
     def UploadCheckpoint(self, request_iterator, context):
-        worker = self.state.worker(context)
-        return receive_checkpoint(self.state, context, worker, request_iterator)
+        check = UploadCheck()  # a refused credential counts as reason "other"
+        try:
+            worker = self.state.worker(context)
+            chunks = self.metrics.counted(request_iterator)
+            response = receive_checkpoint(self.state, context, worker, chunks, check)
+        except Exception:  # context.abort raises a plain Exception
+            self.metrics.upload_rejected(check.reason)
+            raise
+        self.metrics.upload_accepted(response.already_registered)
+        return response
 
     @handles_errors
     def CompleteUnit(self, request, context):

@@ -1,10 +1,11 @@
-"""The `tspace` command: check jobs, pack data, train a job on one machine, sample an ensemble."""
+"""The `tspace` command: check jobs, pack data, train a job on one machine, sample and export."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -226,16 +227,66 @@ def _load_chain(run_dir, ensemble, coordinator, credential, catalogue, store, de
     if ensemble is None:
         raise TspaceError("give a run folder of `tspace train`, or --ensemble NAME")
     if coordinator is not None:
-        if credential is None:
-            raise TspaceError("--coordinator needs --credential (the admin credential file)")
-        secret = credential.read_text().strip() if credential.is_file() else ""
-        if not secret:
-            raise TspaceError(f"--credential: {credential} is missing or empty")
+        secret = _read_credential(credential)
         cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tspace"
         return remote.from_coordinator(coordinator, secret, ensemble, cache, device)
     if catalogue is not None and store is not None:
         return remote.from_catalogue(catalogue, store, ensemble, device)
     raise TspaceError("--ensemble needs --coordinator and --credential, or --catalogue and --store")
+
+
+def _read_credential(credential: Path | None) -> str:
+    if credential is None:
+        raise TspaceError("--coordinator needs --credential (the admin credential file)")
+    secret = credential.read_text().strip() if credential.is_file() else ""
+    if not secret:
+        raise TspaceError(f"--credential: {credential} is missing or empty")
+    return secret
+
+
+def _load_job(run_dir, ensemble, coordinator, credential, catalogue):
+    """The resolved job of the ensemble `_load_chain` loaded, from the same source."""
+    from tspace_core.export import job_from_json
+
+    if run_dir is not None:
+        where = str(run_dir / "job.json")
+        try:
+            text = (run_dir / "job.json").read_text(encoding="utf-8")
+        except OSError as exc:
+            raise TspaceError(
+                f"{where} is unreadable ({exc}); is this a `tspace train` folder?"
+            ) from None
+    elif coordinator is not None:
+        from tspace_core import remote
+        from tspace_core.proto.tspace.v1 import admin_pb2, admin_pb2_grpc
+        from tspace_core.rpc import ADMIN_HEADER, insecure_channel
+
+        where = f"the job of {ensemble} at {coordinator}"
+        metadata = ((ADMIN_HEADER, _read_credential(credential)),)
+        with insecure_channel(coordinator) as channel:
+            text = (
+                admin_pb2_grpc.AdminServiceStub(channel)
+                .GetEnsemble(
+                    admin_pb2.GetEnsembleRequest(name=ensemble),
+                    timeout=remote.TIMEOUT_S,
+                    metadata=metadata,
+                )
+                .spec_json
+            )
+    else:
+        from tspace_core.catalogue import Catalogue
+
+        where = f"the job of {ensemble} in {catalogue}"
+        opened = Catalogue(catalogue)
+        try:
+            text = opened.get_ensemble(ensemble).spec_json
+        finally:
+            opened.close()
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise TspaceError(f"{where} is not JSON: {exc}") from None
+    return job_from_json(doc, where)
 
 
 def write_samples(predictor, chain, opts, out: Path, device: str) -> None:
@@ -253,6 +304,64 @@ def write_samples(predictor, chain, opts, out: Path, device: str) -> None:
     else:
         save_npz(out, images, labels)
     console.print(f"wrote {opts.n} samples to {out}")
+
+
+class ExportFormat(StrEnum):
+    """What `tspace export` can write."""
+
+    diffusers = "diffusers"
+
+
+@app.command("export")
+def export_cmd(
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="Only diffusers for now.")],
+    run_dir: Annotated[
+        Path | None,
+        typer.Argument(help="A `tspace train` folder (none with --ensemble).", show_default=False),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Argument(help="The folder to write.", show_default=False)
+    ] = None,
+    ensemble: Annotated[
+        str | None, typer.Option(help="A registered ensemble, e.g. digits:final.")
+    ] = None,
+    coordinator: Annotated[
+        str | None, typer.Option(help="Fetch --ensemble from this coordinator (host:port).")
+    ] = None,
+    credential: Annotated[
+        Path | None, typer.Option(help="The coordinator's admin credential file.")
+    ] = None,
+    catalogue: Annotated[
+        str | None, typer.Option(help="Read --ensemble from this catalogue URL.")
+    ] = None,
+    store: Annotated[Path | None, typer.Option(help="The coordinator's blob store folder.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in OUT.")] = False,
+) -> None:
+    """Verify an ensemble's checkpoints and write it as a diffusers folder.
+
+    OUT gets one UNet2DModel per unit (unit-NNN/), a DDIMScheduler of the base schedule
+    (scheduler/), tspace_ensemble.json (states, alpha-bars, units) and model_index.json;
+    `TSpacePipeline.from_pretrained(OUT)` samples it as `tspace sample` does.
+    """
+    from tspace_core.export import check_export_target, export_diffusers
+
+    if out is None and ensemble is not None:  # the one folder given is OUT
+        run_dir, out = None, run_dir
+    if out is None:
+        raise TspaceError(
+            "give the folder to write: tspace export RUN_DIR OUT, or --ensemble NAME ... OUT"
+        )
+    check_export_target(out, overwrite)  # before any download
+    predictor, chain = _load_chain(
+        run_dir, ensemble, coordinator, credential, catalogue, store, "cpu"
+    )
+    job = _load_job(run_dir, ensemble, coordinator, credential, catalogue)
+    manifest = export_diffusers(predictor, chain, job, out, overwrite=overwrite)
+    console.print(
+        f"exported {len(manifest.units)} units of [bold]{manifest.job}[/] ({fmt.value}) to {out}\n"
+        f"load it with tspace_core.pipeline.TSpacePipeline.from_pretrained({str(out)!r})",
+        highlight=False,
+    )
 
 
 @app.command()

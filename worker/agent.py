@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,6 +169,7 @@ class UnitRun:
         self.session.call(
             "CompleteUnit", worker_pb2.CompleteUnitRequest(lease_id=a.lease_id, sha256=final)
         )
+        shutil.rmtree(self.outbox, ignore_errors=True)  # the coordinator holds it all now
         return True
 
     def _train(self, job, trainer, data, config, progress, heartbeat, uploader, display):

@@ -123,6 +123,7 @@ class Harness:
 
     folder: Path
     config: CoordinatorConfig
+    metrics_listen: str | None = None
     coordinator: Coordinator | None = None
     channel: grpc.Channel | None = None
     _engine: Engine | None = None
@@ -131,7 +132,9 @@ class Harness:
 
     def start(self) -> None:
         state = CoordinatorState.open(self.folder, self.config)
-        self.coordinator = Coordinator(state, "127.0.0.1:0").start()
+        self.coordinator = Coordinator(
+            state, "127.0.0.1:0", metrics_listen=self.metrics_listen
+        ).start()
         self.channel = insecure_channel(self.coordinator.address)
         self._stubs = {
             "admin": admin_pb2_grpc.AdminServiceStub(self.channel),
@@ -328,6 +331,19 @@ def coord(catalogue_url: str, tmp_path: Path) -> Iterator[Harness]:
     folder = tmp_path / "coordinator"
     init_dir(folder, catalogue_url)
     harness = Harness(folder, load_config(folder))
+    harness.start()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+@pytest.fixture
+def metered(tmp_path: Path) -> Iterator[Harness]:
+    """A coordinator over a SQLite file that also serves Prometheus metrics on 127.0.0.1."""
+    folder = tmp_path / "coordinator"
+    init_dir(folder, sqlite_url(tmp_path / "catalogue.db"))
+    harness = Harness(folder, load_config(folder), metrics_listen="127.0.0.1:0")
     harness.start()
     try:
         yield harness
