@@ -39,6 +39,22 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+# Where a registered ensemble comes from: shared by `sample` and `export`.
+EnsembleOption = Annotated[
+    str | None, typer.Option(help="A registered ensemble, e.g. digits:final.")
+]
+CoordinatorOption = Annotated[
+    str | None, typer.Option(help="Fetch --ensemble from this coordinator (host:port).")
+]
+CredentialOption = Annotated[
+    Path | None, typer.Option(help="The coordinator's admin credential file.")
+]
+CatalogueOption = Annotated[
+    str | None, typer.Option(help="Read --ensemble from this catalogue URL.")
+]
+StoreOption = Annotated[Path | None, typer.Option(help="The coordinator's blob store folder.")]
+
+
 def _progress(*extra: TextColumn) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -161,19 +177,11 @@ def sample(
     run_dir: Annotated[
         Path | None, typer.Argument(help="Folder written by `tspace train`.")
     ] = None,
-    ensemble: Annotated[
-        str | None, typer.Option(help="A registered ensemble, e.g. digits:final.")
-    ] = None,
-    coordinator: Annotated[
-        str | None, typer.Option(help="Fetch --ensemble from this coordinator (host:port).")
-    ] = None,
-    credential: Annotated[
-        Path | None, typer.Option(help="The coordinator's admin credential file.")
-    ] = None,
-    catalogue: Annotated[
-        str | None, typer.Option(help="Read --ensemble from this catalogue URL.")
-    ] = None,
-    store: Annotated[Path | None, typer.Option(help="The coordinator's blob store folder.")] = None,
+    ensemble: EnsembleOption = None,
+    coordinator: CoordinatorOption = None,
+    credential: CredentialOption = None,
+    catalogue: CatalogueOption = None,
+    store: StoreOption = None,
     out: Annotated[Path, typer.Option(help="grid.png (a PNG grid) or samples.npz (raw).")] = Path(
         "grid.png"
     ),
@@ -322,19 +330,11 @@ def export_cmd(
     out: Annotated[
         Path | None, typer.Argument(help="The folder to write.", show_default=False)
     ] = None,
-    ensemble: Annotated[
-        str | None, typer.Option(help="A registered ensemble, e.g. digits:final.")
-    ] = None,
-    coordinator: Annotated[
-        str | None, typer.Option(help="Fetch --ensemble from this coordinator (host:port).")
-    ] = None,
-    credential: Annotated[
-        Path | None, typer.Option(help="The coordinator's admin credential file.")
-    ] = None,
-    catalogue: Annotated[
-        str | None, typer.Option(help="Read --ensemble from this catalogue URL.")
-    ] = None,
-    store: Annotated[Path | None, typer.Option(help="The coordinator's blob store folder.")] = None,
+    ensemble: EnsembleOption = None,
+    coordinator: CoordinatorOption = None,
+    credential: CredentialOption = None,
+    catalogue: CatalogueOption = None,
+    store: StoreOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in OUT.")] = False,
 ) -> None:
     """Verify an ensemble's checkpoints and write it as a diffusers folder.
