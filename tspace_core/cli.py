@@ -211,7 +211,7 @@ def sample(
         n=n, seed=seed, eta=eta, steps=steps, label=label, clip_sample=1.0 if clip else None
     )
     device = device or default_device()
-    predictor, chain = _load_chain(
+    predictor, chain, _ = _load_chain(
         run_dir, ensemble, coordinator, credential, catalogue, store, device
     )
     write_samples(predictor, chain, opts, out, device)
@@ -231,7 +231,7 @@ def _load_chain(run_dir, ensemble, coordinator, credential, catalogue, store, de
             manifest.num_classes,
             manifest.prediction_type,
         )
-        return load_ensemble(run_dir, manifest, device), chain
+        return load_ensemble(run_dir, manifest, device), chain, None
     if ensemble is None:
         raise TspaceError("give a run folder of `tspace train`, or --ensemble NAME")
     if coordinator is not None:
@@ -252,46 +252,20 @@ def _read_credential(credential: Path | None) -> str:
     return secret
 
 
-def _load_job(run_dir, ensemble, coordinator, credential, catalogue):
-    """The resolved job of the ensemble `_load_chain` loaded, from the same source."""
+def _load_job(run_dir: Path | None, spec_json: str | None, where: str):
+    """The resolved job of the ensemble `_load_chain` loaded: its spec_json, or job.json."""
     from tspace_core.export import job_from_json
 
     if run_dir is not None:
         where = str(run_dir / "job.json")
         try:
-            text = (run_dir / "job.json").read_text(encoding="utf-8")
+            spec_json = (run_dir / "job.json").read_text(encoding="utf-8")
         except OSError as exc:
             raise TspaceError(
                 f"{where} is unreadable ({exc}); is this a `tspace train` folder?"
             ) from None
-    elif coordinator is not None:
-        from tspace_core import remote
-        from tspace_core.proto.tspace.v1 import admin_pb2, admin_pb2_grpc
-        from tspace_core.rpc import ADMIN_HEADER, insecure_channel
-
-        where = f"the job of {ensemble} at {coordinator}"
-        metadata = ((ADMIN_HEADER, _read_credential(credential)),)
-        with insecure_channel(coordinator) as channel:
-            text = (
-                admin_pb2_grpc.AdminServiceStub(channel)
-                .GetEnsemble(
-                    admin_pb2.GetEnsembleRequest(name=ensemble),
-                    timeout=remote.TIMEOUT_S,
-                    metadata=metadata,
-                )
-                .spec_json
-            )
-    else:
-        from tspace_core.catalogue import Catalogue
-
-        where = f"the job of {ensemble} in {catalogue}"
-        opened = Catalogue(catalogue)
-        try:
-            text = opened.get_ensemble(ensemble).spec_json
-        finally:
-            opened.close()
     try:
-        doc = json.loads(text)
+        doc = json.loads(spec_json or "")
     except ValueError as exc:
         raise TspaceError(f"{where} is not JSON: {exc}") from None
     return job_from_json(doc, where)
@@ -352,10 +326,10 @@ def export_cmd(
             "give the folder to write: tspace export RUN_DIR OUT, or --ensemble NAME ... OUT"
         )
     check_export_target(out, overwrite)  # before any download
-    predictor, chain = _load_chain(
+    predictor, chain, spec_json = _load_chain(
         run_dir, ensemble, coordinator, credential, catalogue, store, "cpu"
     )
-    job = _load_job(run_dir, ensemble, coordinator, credential, catalogue)
+    job = _load_job(run_dir, spec_json, f"the job of {ensemble}")
     manifest = export_diffusers(predictor, chain, job, out, overwrite=overwrite)
     console.print(
         f"exported {len(manifest.units)} units of [bold]{manifest.job}[/] ({fmt.value}) to {out}\n"
@@ -405,7 +379,7 @@ def quickstart(
 
             result, admin = qs.run(folder, processes, workers, steps, show, threads)
         credential = (folder / "coordinator" / "admin.credential").read_text().strip()
-        predictor, chain = remote.from_coordinator(
+        predictor, chain, _ = remote.from_coordinator(
             result.address, credential, result.ensemble, folder / "cache", "cpu"
         )
         grid = folder / "grid.png"

@@ -54,8 +54,9 @@ def assemble(
     timesteps: tuple[int, ...],
     alphas: tuple[float, ...],
     device: torch.device | str = "cpu",
-) -> tuple[EnsemblePredictor, Chain]:
-    """The predictor and chain of an ensemble whose member files are verified."""
+) -> tuple[EnsemblePredictor, Chain, str]:
+    """The predictor and chain of an ensemble whose member files are verified, and its job
+    (`spec_json`: the resolved job the catalogue recorded)."""
     untrusted = [m.unit for m in record.members if not m.checkpoint.trusted]
     if untrusted:
         raise CheckpointError(
@@ -79,12 +80,12 @@ def assemble(
         config.get("num_class_embeds") or 0,
         meta["prediction_type"],
     )
-    return EnsemblePredictor.from_units(units), chain
+    return EnsemblePredictor.from_units(units), chain, record.spec_json
 
 
 def from_catalogue(
     url: str, store: Path, name: str, device: torch.device | str = "cpu"
-) -> tuple[EnsemblePredictor, Chain]:
+) -> tuple[EnsemblePredictor, Chain, str]:
     """Read the ensemble from a catalogue and its members from the coordinator's blob store."""
     from tspace_core.blobs import BlobStore
     from tspace_core.catalogue import Catalogue
@@ -104,7 +105,7 @@ def from_catalogue(
 
 def from_coordinator(
     address: str, credential: str, name: str, cache: Path, device: torch.device | str = "cpu"
-) -> tuple[EnsemblePredictor, Chain]:
+) -> tuple[EnsemblePredictor, Chain, str]:
     """Fetch the ensemble and its members from a running coordinator (admin credential)."""
     from tspace_core import serde
     from tspace_core.proto.tspace.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
