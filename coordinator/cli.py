@@ -8,11 +8,12 @@ import threading
 from pathlib import Path
 from typing import Annotated
 
-import grpc
 import typer
 from rich.console import Console
 
-from coordinator.config import ADMIN_CREDENTIAL_FILE, init_dir, load_config, read_admin_credential
+from coordinator.admin_cli import add_admin_commands
+from coordinator.admin_client import ADDRESS_FILE, admin_target
+from coordinator.config import ADMIN_CREDENTIAL_FILE, init_dir, load_config
 from tspace_core.console import run_cli
 from tspace_core.errors import TspaceError
 
@@ -22,14 +23,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-job_app = typer.Typer(help="Jobs.", no_args_is_help=True)
-app.add_typer(job_app, name="job")
 console = Console()
-err_console = Console(stderr=True)
-ADDRESS_FILE = "address"
 
 DirOption = Annotated[Path, typer.Option("--dir", help="The coordinator folder.")]
-TIMEOUT_S = 60.0
 
 
 @app.command()
@@ -77,66 +73,6 @@ def serve(
     coordinator.stop()
 
 
-def admin_target(folder: Path) -> tuple[str, str]:
-    """(address, admin credential) of the running coordinator in `folder`."""
-    try:
-        address = (folder / ADDRESS_FILE).read_text().strip()
-    except OSError:
-        raise TspaceError(
-            f"no running coordinator found in {folder} (no {ADDRESS_FILE} file); "
-            f"start it with `tspace-coord serve {folder}`"
-        ) from None
-    return address, read_admin_credential(folder / ADMIN_CREDENTIAL_FILE)
-
-
-def _admin_call(folder: Path, method: str, request: object) -> object:
-    from tspace_core.proto.tspace.v1 import admin_pb2_grpc
-    from tspace_core.rpc import ADMIN_HEADER, insecure_channel
-
-    address, credential = admin_target(folder)
-    with insecure_channel(address) as channel:
-        stub = admin_pb2_grpc.AdminServiceStub(channel)
-        try:
-            return getattr(stub, method)(
-                request, timeout=TIMEOUT_S, metadata=((ADMIN_HEADER, credential),)
-            )
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise TspaceError(f"the coordinator at {address} is unreachable") from None
-            raise TspaceError(f"{exc.details()} ({code.name})") from None
-
-
-@job_app.command("create")
-def job_create(
-    file: Annotated[Path, typer.Argument(help="Job spec (TOML).")],
-    folder: DirOption = Path("."),
-) -> None:
-    """Create a job on the running coordinator; its data is stored as shards there."""
-    from tspace_core.proto.tspace.v1 import admin_pb2
-
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TspaceError(f"cannot read the job file {file}: {exc}") from None
-    request = admin_pb2.CreateJobRequest(spec_toml=text, base_dir=str(file.resolve().parent))
-    job = _admin_call(folder, "CreateJob", request)
-    console.print(f"job {job.name} ({job.units} units, hash {job.job_hash[:12]}) created")  # type: ignore[attr-defined]
-
-
-@app.command()
-def enroll(
-    site: Annotated[str, typer.Option(help="Name of the site the token is for.")],
-    ttl: Annotated[float, typer.Option(help="Token lifetime in seconds (0: default).")] = 0.0,
-    folder: DirOption = Path("."),
-) -> None:
-    """Print a one-time join token for a site's worker."""
-    from tspace_core.proto.tspace.v1 import admin_pb2
-
-    response = _admin_call(folder, "Enroll", admin_pb2.EnrollRequest(site=site, ttl_s=ttl))
-    print(response.token)  # type: ignore[attr-defined]
-
-
 @app.command()
 def status(
     folder: DirOption = Path("."),
@@ -151,6 +87,9 @@ def status(
         raise TspaceError("--interval must be between 0.1 and 3600 seconds")
     address, credential = admin_target(folder)
     run_status(address, credential, once=once, as_json=as_json, interval=interval)
+
+
+add_admin_commands(app)  # after init, serve and status, so help lists them first
 
 
 def main() -> None:

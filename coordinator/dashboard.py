@@ -192,6 +192,13 @@ def units_section(view: StatusView, rows: int, width: int) -> list[RenderableTyp
     def cells(fn: Any) -> list[Text]:
         return [fn(u) for u in shown]
 
+    def checkpoint_age(u: UnitRecord) -> Text:
+        """How long ago the newest checkpoint a lease would resume from was registered."""
+        if u.newest_checkpoint_at is None:
+            return Text("")
+        age = view.time - u.newest_checkpoint_at
+        return Text(fmt_age(age), style="yellow" if u.status == UNIT_LEASED and age > 600 else "")
+
     def styled(u: UnitRecord) -> Text:
         return Text(u.status, style=STATUS_STYLE.get(u.status, "bright_black"))
 
@@ -202,6 +209,7 @@ def units_section(view: StatusView, rows: int, width: int) -> list[RenderableTyp
         Column("worker", cells(lambda u: Text(u.worker_id or "")), 2, cap=14),
         Column("step", cells(lambda u: Text(f"{unit_steps(u)}/{u.total_steps}")), 0, 13, "right"),
         Column("loss", cells(lambda u: Text(f"{u.loss:.4f}" if u.loss else "")), 3, 7, "right"),
+        Column("ckpt", cells(checkpoint_age), 3, 4, "right"),
         Column("att", cells(lambda u: Text(str(u.attempts))), 4, 3, "right"),
     ]
     bar_min, bar_max = 6, 30
@@ -291,7 +299,7 @@ def header(view: StatusView, steps_per_s: float | None, width: int, source: str)
         for j in jobs
     )
     first = Text("tspace ", style="bold") + Text(f"{source} {clock} · ".lstrip())
-    first += Text(summary or "no jobs yet: create one with `tspace-coord job create`")
+    first += Text(summary or "no jobs yet: create one with `tspace-coord jobs create`")
     steps, total = progress(view)
     fraction = steps / total if total else 0.0
     figures = (

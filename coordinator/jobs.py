@@ -13,6 +13,7 @@ from tspace_core.catalogue.records import JobRecord, ShardRecord
 from tspace_core.data import load_dataset, pack_shards
 from tspace_core.errors import SpecError
 from tspace_core.jobspec import Job, resolve, spec_from_dict
+from tspace_core.runner import split_validation
 
 
 def parse_job(spec_toml: str, base_dir: Path | None) -> Job:
@@ -26,6 +27,8 @@ def parse_job(spec_toml: str, base_dir: Path | None) -> Job:
 def store_dataset(job: Job, blobs: BlobStore) -> tuple[list[ShardRecord], dict[str, object]]:
     """Load the job's data here, pack it into its shards, and put them in the blob store."""
     data = load_dataset(job.spec.data, job.base_dir)
+    # Refuse now, not on every worker, a held-out set that leaves nothing to train on.
+    split_validation(data, job.spec.training.validation_images, job.spec.training.seed)
     with tempfile.TemporaryDirectory(prefix="tspace-shards-") as tmp:
         manifest_path = pack_shards(data, Path(tmp) / "shards", job.spec.data.shards)
         manifest = json.loads(manifest_path.read_text())

@@ -23,8 +23,8 @@ from tspace_core.proto.tspace.v1 import admin_pb2
 RATE_WINDOW_S = 60.0
 # Record fields the Status stream does not carry (serde fills them with neutral values).
 OFF_WIRE: dict[type, frozenset[str]] = {
-    JobRecord: frozenset({"spec_json", "total_steps", "created_at", "shards"}),
-    UnitRecord: frozenset({"last_error", "lease_id"}),
+    JobRecord: frozenset({"spec_json", "shards"}),
+    UnitRecord: frozenset({"lease_id"}),
     WorkerRecord: frozenset({"public_key", "hostname", "registered_at", "last_seen"}),
     EventRecord: frozenset(),
 }
@@ -64,13 +64,14 @@ def current_units(view: StatusView) -> tuple[UnitRecord, ...]:
 
 
 def unit_steps(unit: UnitRecord) -> int:
-    """Steps a unit has trained as far as the snapshot shows: a pending unit's checkpoints are
-    not on the wire, so it counts as 0 until it is leased again."""
+    """Steps a unit has trained as far as the snapshot shows: its lease's progress while leased,
+    otherwise the step of the checkpoint it would resume from."""
     if unit.status == UNIT_DONE:
         return unit.total_steps
+    step = unit.newest_step or 0
     if unit.status == UNIT_LEASED:
-        return min(max(unit.step, 0), unit.total_steps)
-    return 0
+        step = max(unit.step, step)
+    return min(max(step, 0), unit.total_steps)
 
 
 def progress(view: StatusView) -> tuple[int, int]:

@@ -22,11 +22,19 @@ from coordinator.state import (
 from coordinator.uploads import UploadCheck, receive_checkpoint
 from tspace_core import serde
 from tspace_core.catalogue import CatalogueError
-from tspace_core.catalogue.records import JOB_ACTIVE, UNIT_LEASED, UNIT_PENDING, LeaseRecord
+from tspace_core.catalogue.records import (
+    JOB_ACTIVE,
+    JOB_PAUSED,
+    UNIT_LEASED,
+    UNIT_PENDING,
+    LeaseRecord,
+)
 from tspace_core.errors import BlobError
 from tspace_core.proto.tspace.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tspace_core.rpc import CHUNK_BYTES
 from tspace_core.signing import key_id
+
+LIVE_JOBS = (JOB_ACTIVE, JOB_PAUSED)
 
 
 class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
@@ -70,10 +78,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         now, cfg = self.state.clock(), self.state.config
         lease = self.state.catalogue.acquire(worker.worker_id, now, cfg.lease_ttl_s, choose_unit)
         if lease is None:
-            active = {j.name for j in self.state.catalogue.list_jobs() if j.status == JOB_ACTIVE}
-            units = [u for u in self.state.catalogue.units() if u.job in active]
-            # Finished when nothing can be trained any more: failed units wait for an operator.
-            trainable = [u for u in units if u.status in (UNIT_PENDING, UNIT_LEASED)]
+            jobs = {j.name: j.status for j in self.state.catalogue.list_jobs()}
+            units = [u for u in self.state.catalogue.units() if jobs[u.job] in LIVE_JOBS]
+            # Finished when nothing can be trained any more (failed units wait for an operator);
+            # a paused job may be resumed, so its workers wait.
+            trainable = [
+                u
+                for u in units
+                if u.status in (UNIT_PENDING, UNIT_LEASED) or jobs[u.job] == JOB_PAUSED
+            ]
             leased = sum(1 for u in units if u.status == UNIT_LEASED)
             return worker_pb2.AcquireUnitResponse(
                 no_work=worker_pb2.NoWork(finished=not trainable, retry_after_s=retry_after(leased))

@@ -395,8 +395,8 @@ def quickstart(
         f"{coord / 'blobs'})\n  logs                {folder / 'logs'}\n"
         f"next:\n  tspace sample --ensemble {result.ensemble} --catalogue "
         f"sqlite:///{(coord / 'catalogue.db').resolve()} --store {coord / 'blobs'} --n 64 "
-        f"--seed 1 --out grid2.png\n  tspace-coord serve {coord}   (then tspace-coord enroll "
-        f"--site NAME --dir {coord}, and tspace-worker join on another machine)",
+        f"--seed 1 --out grid2.png\n  tspace-coord serve {coord}   (then tspace-coord tokens "
+        f"create --site NAME --dir {coord}, and tspace-worker join on another machine)",
         highlight=False,
     )
 

@@ -18,13 +18,15 @@ def run_cli(app: Callable[[], object]) -> None:
     try:
         app()
     except TspaceError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except grpc.RpcError as exc:
         code = exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         err_console.print(
-            f"[bold red]error:[/] the coordinator answered: {details} ({code})", highlight=False
+            f"[bold red]error:[/] the coordinator answered: {details} ({code})",
+            highlight=False,
+            soft_wrap=True,
         )
         sys.exit(2)
     except KeyboardInterrupt:

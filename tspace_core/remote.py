@@ -13,39 +13,20 @@ from torch import nn
 from tspace_core.catalogue.records import CheckpointRecord, EnsembleRecord
 from tspace_core.checkpoint import load_checkpoint
 from tspace_core.ensemble import Chain, model_from_checkpoint
-from tspace_core.errors import CheckpointError, SignatureError, TspaceError
+from tspace_core.errors import CheckpointError, TspaceError
 from tspace_core.fsio import sha256_file
 from tspace_core.sampling import EnsemblePredictor
-from tspace_core.signing import Statement, verify
 from tspace_core.states import LatentStates
+from tspace_core.verification import checkpoint_problems
 
 TIMEOUT_S = 60.0
 
 
 def verify_member(record: CheckpointRecord, path: Path) -> None:
     """Refuse a member unless its file, digest, signature and signer all check out."""
-    where = f"unit {record.unit}"
-    if not record.trusted:
-        raise CheckpointError(f"{where}: its checkpoint was signed by a revoked worker; retrain it")
-    try:
-        statement = Statement.from_bytes(record.statement)
-        verify(record.public_key, record.statement, record.signature)
-    except SignatureError as exc:
-        raise CheckpointError(f"{where}: the signature does not verify ({exc})") from None
-    if (statement.sha256, statement.job, statement.unit) != (
-        record.sha256,
-        record.job,
-        record.unit,
-    ):
-        raise CheckpointError(f"{where}: the signed statement is for another checkpoint")
-    if not path.is_file():
-        raise CheckpointError(f"{where}: checkpoint {record.sha256[:12]} is missing from the store")
-    digest = sha256_file(path)
-    if digest != record.sha256:
-        raise CheckpointError(
-            f"{where}: checkpoint digest {digest[:12]} differs from the recorded "
-            f"{record.sha256[:12]}; the file is corrupt"
-        )
+    problems = checkpoint_problems(record, path)
+    if problems:
+        raise CheckpointError(f"unit {record.unit}: {problems[0]}")
 
 
 def assemble(

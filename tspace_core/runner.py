@@ -60,17 +60,45 @@ def make_trainer(
 ) -> UnitTrainer:
     """The trainer of `unit`, freshly initialised from the job's seed."""
     seed = unit_seed(job.spec.training.seed, unit)
+    conditional = job.spec.model.class_conditional
+    train, held_out = split_validation(
+        data, job.spec.training.validation_images, job.spec.training.seed
+    )
     return UnitTrainer(
         build_unet(config, seed=seed),
         job.units[unit],
         job.unit_alphas_cumprod(unit),
-        data.images,
+        data.images[train],
         job.spec.training,
-        labels=data.labels if job.spec.model.class_conditional else None,
+        labels=data.labels[train] if conditional and data.labels is not None else None,
         prediction_type=job.spec.model.prediction_type,
         seed=seed,
         device=device,
+        validation=(
+            None
+            if held_out is None
+            else (
+                data.images[held_out],
+                data.labels[held_out] if conditional and data.labels is not None else None,
+            )
+        ),
     )
+
+
+def split_validation(
+    data: ImageDataset, count: int, seed: int
+) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
+    """(training index, held-out index or None): `count` images chosen by `seed`, the same for
+    every unit of a job; with count 0 every image trains."""
+    if count == 0:
+        return slice(None), None
+    if count >= len(data):
+        raise SpecError(
+            f"training.validation_images is {count}, but the data has {len(data)} images; "
+            "hold out fewer so some are left to train on"
+        )
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return order[count:].sort().values, order[:count].sort().values
 
 
 def save_unit_checkpoint(

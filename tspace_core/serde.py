@@ -7,15 +7,17 @@ record fields travel as the proto3 default ("" or unset) and come back as None.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tspace_core.catalogue.records import (
+    AliasRecord,
     CheckpointRecord,
     EnsembleMemberRecord,
     EnsembleRecord,
     EventRecord,
     JobRecord,
     ShardRecord,
+    TokenRecord,
     UnitRecord,
     WorkerRecord,
 )
@@ -99,6 +101,64 @@ def checkpoint_from_proto(
     )
 
 
+def checkpoint_info_to_proto(ckpt: CheckpointRecord) -> admin_pb2.CheckpointInfo:
+    """Non-finite metrics are stored as null and left out here."""
+    return admin_pb2.CheckpointInfo(
+        ref=checkpoint_to_proto(ckpt),
+        worker_id=ckpt.worker_id,
+        trusted=ckpt.trusted,
+        discarded=ckpt.discarded,
+        created_at=ckpt.created_at,
+        attempt=ckpt.attempt,
+        metrics={k: float(v) for k, v in ckpt.metrics.items() if v is not None},
+    )
+
+
+def checkpoint_info_from_proto(info: admin_pb2.CheckpointInfo) -> CheckpointRecord:
+    """The wire carries no shard list: it comes back empty."""
+    return replace(
+        checkpoint_from_proto(info.ref, trusted=info.trusted),
+        worker_id=info.worker_id,
+        discarded=info.discarded,
+        created_at=info.created_at,
+        attempt=info.attempt,
+        metrics=dict(info.metrics),
+    )
+
+
+def token_to_proto(token: TokenRecord) -> admin_pb2.TokenInfo:
+    return admin_pb2.TokenInfo(
+        token_id=token.token_id,
+        site=token.site,
+        status=token.status,
+        created_at=token.created_at or 0.0,
+        expires_at=token.expires_at,
+        worker_id=token.worker_id or "",
+    )
+
+
+def token_from_proto(info: admin_pb2.TokenInfo) -> TokenRecord:
+    """A creation time of 0 (unknown) comes back as None; the use time is not on the wire."""
+    return TokenRecord(
+        token_id=info.token_id,
+        site=info.site,
+        status=info.status,
+        created_at=info.created_at or None,
+        expires_at=info.expires_at,
+        worker_id=_none_if_empty(info.worker_id),
+    )
+
+
+def alias_to_proto(alias: AliasRecord) -> admin_pb2.AliasInfo:
+    return admin_pb2.AliasInfo(
+        alias=alias.alias, ensemble=alias.ensemble, updated_at=alias.updated_at
+    )
+
+
+def alias_from_proto(info: admin_pb2.AliasInfo) -> AliasRecord:
+    return AliasRecord(alias=info.alias, ensemble=info.ensemble, updated_at=info.updated_at)
+
+
 def unit_status_to_proto(unit: UnitRecord) -> admin_pb2.UnitStatus:
     return admin_pb2.UnitStatus(
         job=unit.job,
@@ -111,11 +171,14 @@ def unit_status_to_proto(unit: UnitRecord) -> admin_pb2.UnitStatus:
         loss=unit.loss,
         images_per_s=unit.images_per_s,
         attempts=unit.attempts,
+        last_error=unit.last_error,
+        newest_step=unit.newest_step,
+        newest_checkpoint_at=unit.newest_checkpoint_at,
     )
 
 
 def unit_status_from_proto(status: admin_pb2.UnitStatus) -> UnitRecord:
-    """The wire carries no lease id or last error: those come back as None and ""."""
+    """The wire carries no lease id: it comes back as None."""
     return UnitRecord(
         job=status.job,
         unit=status.unit,
@@ -127,6 +190,11 @@ def unit_status_from_proto(status: admin_pb2.UnitStatus) -> UnitRecord:
         step=status.step,
         loss=status.loss,
         images_per_s=status.images_per_s,
+        last_error=status.last_error,
+        newest_step=status.newest_step if status.HasField("newest_step") else None,
+        newest_checkpoint_at=(
+            status.newest_checkpoint_at if status.HasField("newest_checkpoint_at") else None
+        ),
     )
 
 
@@ -167,18 +235,20 @@ def job_to_proto(job: JobRecord) -> admin_pb2.JobInfo:
         units=job.units,
         units_done=job.units_done,
         units_failed=job.units_failed,
+        total_steps=job.total_steps,
+        created_at=job.created_at,
     )
 
 
 def job_from_proto(info: admin_pb2.JobInfo) -> JobRecord:
-    """The wire carries no spec, step count, time or shards: those are neutral."""
+    """The wire carries no spec or shards: those are neutral."""
     return JobRecord(
         name=info.name,
         job_hash=info.job_hash,
         spec_json="",
         status=info.status,
-        total_steps=0,
-        created_at=0.0,
+        total_steps=info.total_steps,
+        created_at=info.created_at,
         units=info.units,
         units_done=info.units_done,
         units_failed=info.units_failed,
@@ -230,13 +300,15 @@ def ensemble_to_proto(
         timesteps=[int(t) for t in timesteps],
         alphas_cumprod=[float(a) for a in alphas_cumprod],
         members=members,
+        created_at=ensemble.created_at,
+        aliases=list(ensemble.aliases),
     )
 
 
 def ensemble_from_proto(
     msg: admin_pb2.Ensemble,
 ) -> tuple[EnsembleRecord, tuple[int, ...], tuple[float, ...]]:
-    """Return (record, timesteps, alphas_cumprod); created_at is not on the wire (0.0)."""
+    """Return (record, timesteps, alphas_cumprod); members carry no worker id, time or metrics."""
     members = tuple(
         EnsembleMemberRecord(
             unit=m.unit,
@@ -250,8 +322,9 @@ def ensemble_from_proto(
         job=msg.job,
         job_hash=msg.job_hash,
         spec_json=msg.spec_json,
-        created_at=0.0,
+        created_at=msg.created_at,
         members=members,
+        aliases=tuple(msg.aliases),
     )
     return record, tuple(msg.timesteps), tuple(msg.alphas_cumprod)
 

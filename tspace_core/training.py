@@ -43,6 +43,9 @@ class TrainConfig:
     checkpoint_every: write a resumable checkpoint every this many steps; 0 writes only the last.
     mixed_precision: "bf16" autocast on CUDA ("no" disables); CPUs always train in float32.
     compile: wrap the model in torch.compile.
+    validation_images: hold this many images out of training (a choice seeded by `seed`, the
+        same for every unit); each checkpoint then records metric "val_loss": the EMA weights'
+        loss on them at every state of the unit, with noise fixed once per unit. 0 disables.
     """
 
     steps: int = 1000
@@ -58,10 +61,12 @@ class TrainConfig:
     checkpoint_every: int = 0
     mixed_precision: str = "bf16"
     compile: bool = False
+    validation_images: int = 0
 
     def __post_init__(self) -> None:
         _positive(steps=self.steps, batch_size=self.batch_size, knn_k=self.knn_k)
         _non_negative(
+            validation_images=self.validation_images,
             warmup_steps=self.warmup_steps,
             weight_decay=self.weight_decay,
             grad_clip=self.grad_clip,
@@ -135,7 +140,9 @@ class UnitTrainer:
         prediction_type: str = "epsilon",
         seed: int = 0,
         device: torch.device | str = "cpu",
+        validation: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> None:
+        """`validation`: held-out (uint8 images, labels) whose loss `metrics` reports."""
         if len(timesteps) != len(alphas_cumprod) or not timesteps:
             raise SpecError("a unit needs at least one state, each with its alpha-bar")
         self.cfg = cfg
@@ -155,6 +162,14 @@ class UnitTrainer:
         self.step = 0
         self.loss_ema: float | None = None
         self._forward = torch.compile(self.model) if cfg.compile else self.model
+        self.validation = None
+        if validation is not None and len(validation[0]):
+            val_images, val_labels = validation
+            self.validation = (
+                val_images.to(self.device, torch.float32) / 127.5 - 1,
+                val_labels.to(self.device) if val_labels is not None else None,
+            )
+        self.validation_seed = seed + 1  # apart from the training draws, same every evaluation
 
     def _float_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
@@ -218,7 +233,40 @@ class UnitTrainer:
         return {**self.model.state_dict(), **self.ema}
 
     def metrics(self) -> dict[str, float]:
-        return {"loss": self.loss_ema if self.loss_ema is not None else math.nan}
+        """ "loss": running training loss (EMA, NaN before the first step); "val_loss" too when
+        images are held out."""
+        out = {"loss": self.loss_ema if self.loss_ema is not None else math.nan}
+        if self.validation is not None:
+            out["val_loss"] = self.validation_loss()
+        return out
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss of the EMA weights on the held-out images over every state of the unit.
+        The noise is drawn from a fixed seed each time, so values compare across steps."""
+        if self.validation is None:
+            raise ValueError("no validation images were held out (training.validation_images)")
+        images, labels = self.validation
+        weights = self.ema_state_dict()
+        generator = torch.Generator().manual_seed(self.validation_seed)
+        total, count = 0.0, 0
+        for state in range(len(self.timesteps)):
+            noise = torch.randn(images.shape, generator=generator).to(self.device)
+            for start in range(0, len(images), self.cfg.batch_size):
+                x0 = images[start : start + self.cfg.batch_size]
+                eps = noise[start : start + self.cfg.batch_size]
+                alpha_bar = self.alphas_cumprod[state].expand(len(x0)).to(self.device)
+                t = self.timesteps[state].expand(len(x0)).to(self.device)
+                x_t = q_sample(x0, eps, alpha_bar)
+                target = eps if self.prediction_type == "epsilon" else v_target(x0, eps, alpha_bar)
+                kwargs = {
+                    "class_labels": labels[start : start + len(x0)] if labels is not None else None
+                }
+                with self._autocast():
+                    pred = torch.func.functional_call(self.model, weights, (x_t, t), kwargs).sample
+                total += float(F.mse_loss(pred.float(), target, reduction="sum"))
+                count += target.numel()
+        return total / count
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON) holding everything the next step depends on."""

@@ -52,7 +52,7 @@ def join(
     if not token:
         raise TspaceError(
             f"this worker has not joined {address} yet; pass the join token from "
-            "`tspace-coord enroll --site NAME` with --token"
+            "`tspace-coord tokens create --site NAME` with --token"
         )
     session = Session(address)
     request = worker_pb2.RegisterRequest(

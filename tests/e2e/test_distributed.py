@@ -95,10 +95,12 @@ def test_distributed_training_equals_tspace_train(tmp_path: Path) -> None:
     try:
         address = _wait_address(coord)
         admin = ["-m", "coordinator"]
-        created = run(*admin, "job", "create", str(job), "--dir", str(coord))
+        created = run(*admin, "jobs", "create", str(job), "--dir", str(coord))
         assert created.returncode == 0, created.stderr
         for i in range(2):
-            token = run(*admin, "enroll", "--site", f"s{i}", "--dir", str(coord)).stdout.strip()
+            token = run(
+                *admin, "tokens", "create", "--site", f"s{i}", "--dir", str(coord)
+            ).stdout.strip()
             local = ["--data", str(site_data)] if i == 0 else []
             args = ["join", "--coordinator", address, "--token", token, "--threads", "1"]
             log = (tmp_path / f"worker-{i}.log").open("w")
@@ -239,9 +241,12 @@ def test_worker_waits_for_an_unreachable_coordinator(tmp_path: Path) -> None:
     try:
         address = _wait_address(coord)
         assert (
-            run("-m", "coordinator", "job", "create", str(job), "--dir", str(coord)).returncode == 0
+            run("-m", "coordinator", "jobs", "create", str(job), "--dir", str(coord)).returncode
+            == 0
         )
-        token = run("-m", "coordinator", "enroll", "--site", "late", "--dir", str(coord)).stdout
+        token = run(
+            "-m", "coordinator", "tokens", "create", "--site", "late", "--dir", str(coord)
+        ).stdout
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -29,7 +29,7 @@ from tspace_core.errors import TspaceError
 from tspace_core.proto.tspace.v1 import admin_pb2, worker_pb2
 
 if TYPE_CHECKING:
-    from conftest import Harness, WorkerClient
+    from conftest import CheckpointMaker, Harness, WorkerClient
 
 SQLITE = pytest.mark.parametrize("catalogue_url", ["sqlite"], indirect=True)
 REPO = Path(__file__).resolve().parents[2]
@@ -226,10 +226,12 @@ def test_json_snapshot_says_what_the_catalogue_holds(coord: Harness) -> None:
         "units",
         "units_done",
         "units_failed",
+        "total_steps",
+        "created_at",
     }
     assert set(data["units"][0]) == {
-        *("job", "unit", "timesteps", "status", "attempts", "total_steps"),
-        *("worker_id", "step", "loss", "images_per_s"),
+        *("job", "unit", "timesteps", "status", "attempts", "total_steps", "last_error"),
+        *("worker_id", "step", "loss", "images_per_s", "newest_step", "newest_checkpoint_at"),
     }
     catalogue = {u.unit: u for u in coord.catalogue.units()}
     assert [(u["unit"], u["status"], u["worker_id"], u["step"]) for u in data["units"]] == [
@@ -265,6 +267,36 @@ def test_once_prints_one_plain_snapshot(coord: Harness) -> None:
     row = next(line for line in lines if line.startswith(f"{a.unit} "))
     assert "leased" in row and worker.worker_id in row and "3/4" in row and "0.2500" in row, text
     assert any(line.startswith(worker.worker_id) and "busy" in line for line in lines), text
+
+
+@SQLITE
+def test_units_show_their_newest_checkpoint(coord: Harness, checkpoints: CheckpointMaker) -> None:
+    worker, a = leased_with_progress(coord, step=3)
+    coord.upload_file(worker, a, checkpoints.path(a, 2), 2)
+    out = io.StringIO()
+    run_status(
+        address(coord),
+        admin_credential(coord),
+        once=True,
+        as_json=False,
+        console=Console(file=out, width=80, height=24),
+    )
+    header = next(line for line in out.getvalue().splitlines() if line.startswith("unit "))
+    assert re.search(r"loss\s+ckpt\s+att$", header), header
+    row = next(line for line in out.getvalue().splitlines() if line.startswith(f"{a.unit} "))
+    assert re.search(r"0\.2500\s+\d+s\s+1$", row), row
+    # Paused, the unit is pending again and counts the steps of the checkpoint it resumes from.
+    request = admin_pb2.ChangeJobRequest(name="tiny", action="pause")
+    coord.admin.ChangeJob(request, metadata=coord.admin_metadata, timeout=TIMEOUT_S)
+    out = io.StringIO()
+    run_status(
+        address(coord), admin_credential(coord), once=False, as_json=True, console=Console(file=out)
+    )
+    data = json.loads(out.getvalue())
+    unit = next(u for u in data["units"] if u["unit"] == a.unit)
+    assert (unit["status"], unit["newest_step"], unit["worker_id"]) == ("pending", 2, None)
+    assert data["progress"]["steps"] == 2
+    assert data["jobs"][0]["status"] == "paused"
 
 
 class Stop(Exception):

@@ -4,9 +4,12 @@ from tspace_core.catalogue.engine import migrate, sqlite_url
 from tspace_core.catalogue.errors import CatalogueError
 from tspace_core.catalogue.records import (
     JOB_ACTIVE,
+    JOB_CANCELLED,
     JOB_DONE,
     JOB_FAILED,
+    JOB_PAUSED,
     LEASE_ACTIVE,
+    LEASE_CANCELLED,
     LEASE_COMPLETED,
     LEASE_EXPIRED,
     LEASE_FAILED,
@@ -16,6 +19,7 @@ from tspace_core.catalogue.records import (
     UNIT_PENDING,
     WORKER_ACTIVE,
     WORKER_REVOKED,
+    AliasRecord,
     CheckpointRecord,
     EnsembleMemberRecord,
     EnsembleRecord,
@@ -23,6 +27,7 @@ from tspace_core.catalogue.records import (
     JobRecord,
     LeaseRecord,
     ShardRecord,
+    TokenRecord,
     UnitRecord,
     WorkerRecord,
 )
@@ -30,9 +35,12 @@ from tspace_core.catalogue.store import Catalogue
 
 __all__ = [
     "JOB_ACTIVE",
+    "JOB_CANCELLED",
     "JOB_DONE",
     "JOB_FAILED",
+    "JOB_PAUSED",
     "LEASE_ACTIVE",
+    "LEASE_CANCELLED",
     "LEASE_COMPLETED",
     "LEASE_EXPIRED",
     "LEASE_FAILED",
@@ -42,6 +50,7 @@ __all__ = [
     "UNIT_PENDING",
     "WORKER_ACTIVE",
     "WORKER_REVOKED",
+    "AliasRecord",
     "Catalogue",
     "CatalogueError",
     "CheckpointRecord",
@@ -51,6 +60,7 @@ __all__ = [
     "JobRecord",
     "LeaseRecord",
     "ShardRecord",
+    "TokenRecord",
     "UnitRecord",
     "WorkerRecord",
     "migrate",

@@ -10,14 +10,14 @@ from sqlalchemy.orm import Session
 
 from tspace_core.catalogue.errors import CatalogueError
 from tspace_core.catalogue.models import Event, Token, Worker
-from tspace_core.catalogue.records import WORKER_ACTIVE, WORKER_REVOKED, EventRecord, WorkerRecord
+from tspace_core.catalogue.records import WORKER_ACTIVE, EventRecord, WorkerRecord
 from tspace_core.catalogue.rows import worker_records, worker_row
 
 
-def add_token(session: Session, token_hash: str, site: str, expires_at: float) -> None:
+def add_token(session: Session, token_hash: str, site: str, expires_at: float, now: float) -> None:
     if session.get(Token, token_hash) is not None:
         raise CatalogueError("already_exists", "this join token is already enrolled")
-    session.add(Token(token_hash=token_hash, site=site, expires_at=expires_at))
+    session.add(Token(token_hash=token_hash, site=site, expires_at=expires_at, created_at=now))
 
 
 def register_worker(
@@ -34,6 +34,8 @@ def register_worker(
     token = session.scalar(select(Token).where(Token.token_hash == token_hash).with_for_update())
     if token is None:
         raise CatalogueError("unauthenticated", "unknown join token")
+    if token.revoked_at is not None:
+        raise CatalogueError("unauthenticated", "join token revoked")
     if token.used_at is not None:
         raise CatalogueError("unauthenticated", "join token already used")
     if now >= token.expires_at:
@@ -79,17 +81,6 @@ def list_workers(session: Session) -> list[WorkerRecord]:
 
 def get_worker(session: Session, worker_id: str) -> WorkerRecord:
     return worker_records(session, [worker_row(session, worker_id)])[0]
-
-
-def revoke_worker(session: Session, worker_id: str, now: float) -> WorkerRecord:
-    """Mark the worker revoked; every checkpoint it signed reads as untrusted from now on."""
-    worker = worker_row(session, worker_id)
-    if worker.status != WORKER_REVOKED:
-        worker.status = WORKER_REVOKED
-        add_event(
-            session, "worker_revoked", f"worker {worker_id} revoked", now, worker_id=worker_id
-        )
-    return worker_records(session, [worker])[0]
 
 
 def add_event(

@@ -15,6 +15,7 @@ from sqlalchemy import (
     MetaData,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -101,6 +102,8 @@ class Token(Base):
     site: Mapped[str]
     expires_at: Mapped[float]
     used_at: Mapped[float | None]
+    created_at: Mapped[float | None]  # unknown for tokens enrolled before schema 0002
+    revoked_at: Mapped[float | None]
     worker_id: Mapped[str | None] = mapped_column(ForeignKey("workers.worker_id"))
 
 
@@ -121,6 +124,8 @@ class Checkpoint(Base):
     shards_seen: Mapped[list[str]]
     created_at: Mapped[float]
     verified: Mapped[bool]
+    # Set when an operator resets the unit to an earlier checkpoint: never resumed from again.
+    discarded: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class Lease(Base):
@@ -154,6 +159,16 @@ class EnsembleMember(Base):
     ensemble: Mapped[str] = mapped_column(ForeignKey("ensembles.name"), primary_key=True)
     unit_id: Mapped[int] = mapped_column(ForeignKey("units.id"), primary_key=True)
     checkpoint_sha256: Mapped[str] = mapped_column(ForeignKey("checkpoints.sha256"))
+
+
+class Alias(Base):
+    """A second name for an ensemble (e.g. "production"), moved by setting it again."""
+
+    __tablename__ = "aliases"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    ensemble: Mapped[str] = mapped_column(ForeignKey("ensembles.name"))
+    updated_at: Mapped[float]
 
 
 class Event(Base):

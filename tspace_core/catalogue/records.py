@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Unit and lease life cycles. A unit is pending -> leased -> done, or back to pending when its
-# lease expires or fails, and failed once it has used up its attempts.
+# lease expires or fails, and failed once it has used up its attempts. An operator can retry a
+# failed unit or reset any unit to one of its checkpoints (both: back to pending).
 UNIT_PENDING, UNIT_LEASED, UNIT_DONE, UNIT_FAILED = "pending", "leased", "done", "failed"
 LEASE_ACTIVE, LEASE_EXPIRED, LEASE_COMPLETED, LEASE_FAILED = (
     "active",
@@ -14,8 +15,15 @@ LEASE_ACTIVE, LEASE_EXPIRED, LEASE_COMPLETED, LEASE_FAILED = (
     "completed",
     "failed",
 )
+# Ended by the operator (job paused or cancelled, unit reset, worker revoked): the attempt is
+# given back, since the unit did nothing wrong.
+LEASE_CANCELLED = "cancelled"
+# A job is active until every unit is done (done) or no unit can make progress any more because
+# some failed (failed). Paused jobs hand out no units; cancelled is for good.
 JOB_ACTIVE, JOB_DONE, JOB_FAILED = "active", "done", "failed"
+JOB_PAUSED, JOB_CANCELLED = "paused", "cancelled"
 WORKER_ACTIVE, WORKER_REVOKED = "active", "revoked"
+TOKEN_UNUSED, TOKEN_USED, TOKEN_EXPIRED, TOKEN_REVOKED = "unused", "used", "expired", "revoked"
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,9 @@ class UnitRecord:
     step: int = 0
     loss: float = 0.0
     images_per_s: float = 0.0
+    # The checkpoint a new lease would resume from (trusted, not discarded), if any.
+    newest_step: int | None = None
+    newest_checkpoint_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,7 @@ class CheckpointRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     shards_seen: tuple[str, ...] = ()
     trusted: bool = True  # False once the signing worker is revoked
+    discarded: bool = False  # True once an operator reset its unit to an earlier checkpoint
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,27 @@ class EnsembleRecord:
     spec_json: str
     created_at: float
     members: tuple[EnsembleMemberRecord, ...]
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    alias: str
+    ensemble: str
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A join token as the operator sees it: named by a prefix of its hash, never the token."""
+
+    token_id: str
+    site: str
+    status: str
+    created_at: float | None
+    expires_at: float
+    used_at: float | None = None
+    worker_id: str | None = None
 
 
 @dataclass(frozen=True)

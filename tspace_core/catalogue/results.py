@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from tspace_core.catalogue.enrolment import add_event
 from tspace_core.catalogue.errors import CatalogueError
 from tspace_core.catalogue.models import (
+    Alias,
     Checkpoint,
     Ensemble,
     EnsembleMember,
@@ -19,11 +20,13 @@ from tspace_core.catalogue.models import (
     Unit,
     Worker,
 )
+from tspace_core.catalogue.operator import settle_job
 from tspace_core.catalogue.records import (
     JOB_DONE,
     LEASE_COMPLETED,
     UNIT_DONE,
     WORKER_ACTIVE,
+    AliasRecord,
     CheckpointRecord,
     EnsembleMemberRecord,
     EnsembleRecord,
@@ -82,13 +85,15 @@ def get_checkpoint(session: Session, sha256: str) -> CheckpointRecord:
 
 
 def newest_checkpoint(session: Session, job: str, unit: int) -> CheckpointRecord | None:
-    """The unit's verified, trusted checkpoint with the highest step (the newest among equals)."""
+    """The unit's verified, trusted, not discarded checkpoint with the highest step (the newest
+    among equals)."""
     unit_id = unit_row(session, job, unit)[0].id
     row = session.execute(
         checkpoint_query()
         .where(
             Checkpoint.unit_id == unit_id,
             Checkpoint.verified.is_(True),
+            Checkpoint.discarded.is_(False),
             Worker.status == WORKER_ACTIVE,
         )
         .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc(), Checkpoint.sha256)
@@ -134,6 +139,9 @@ def complete_unit(
         raise CatalogueError(
             "failed_precondition", f"checkpoint {sha256[:12]} was signed by a revoked worker"
         )
+    # Training is deterministic: a unit reset and trained again may reach a discarded checkpoint
+    # bit for bit. Reaching it again makes it the unit's line once more.
+    session.get_one(Checkpoint, sha256).discarded = False
     lease.status, lease.updated_at, lease.checkpoint_sha256 = LEASE_COMPLETED, now, sha256
     unit.status, unit.last_error = UNIT_DONE, ""
     session.flush()
@@ -141,20 +149,26 @@ def complete_unit(
         select(func.count()).where(Unit.job_id == job.id, Unit.status != UNIT_DONE)
     )
     if remaining:
+        settle_job(session, job, now)  # the others may all have failed
         return None
     job.status = JOB_DONE
-    name = f"{job.name}:final"
-    if session.get(Ensemble, name) is None:
-        members = {
-            unit_index: sha256
-            for unit_index, sha256 in session.execute(
-                select(Unit.unit, Lease.checkpoint_sha256)
-                .join(Lease, Lease.unit_id == Unit.id)
-                .where(Unit.job_id == job.id, Lease.status == LEASE_COMPLETED)
-            )
-            if sha256 is not None
-        }
-        register_ensemble(session, name, job.name, members, now)
+    # A job finished again after an operator reset a unit gets a new name: ensembles are frozen.
+    name, n = f"{job.name}:final", 1
+    while session.get(Ensemble, name) is not None or session.get(Alias, name) is not None:
+        n += 1
+        name = f"{job.name}:final-{n}"
+    # Each unit's member is what its most recent completed lease delivered.
+    members = {
+        unit_index: sha256
+        for unit_index, sha256 in session.execute(
+            select(Unit.unit, Lease.checkpoint_sha256)
+            .join(Lease, Lease.unit_id == Unit.id)
+            .where(Unit.job_id == job.id, Lease.status == LEASE_COMPLETED)
+            .order_by(Lease.updated_at, Lease.lease_id)
+        )
+        if sha256 is not None
+    }
+    register_ensemble(session, name, job.name, members, now)
     add_event(session, "job_done", f"job {job.name} done; ensemble {name}", now, job=job.name)
     return name
 
@@ -168,6 +182,8 @@ def register_ensemble(
         raise CatalogueError("invalid_argument", "an ensemble needs a name")
     if session.get(Ensemble, name) is not None:
         raise CatalogueError("already_exists", f"an ensemble named {name!r} already exists")
+    if session.get(Alias, name) is not None:
+        raise CatalogueError("already_exists", f"{name!r} is already an alias; choose another name")
     unit_ids = dict(
         session.execute(select(Unit.unit, Unit.id).where(Unit.job_id == job_rec.id)).all()
     )
@@ -201,15 +217,51 @@ def register_ensemble(
 
 
 def get_ensemble(session: Session, name: str) -> EnsembleRecord:
+    """The ensemble called `name`, or the one the alias `name` points at."""
     ensemble = session.get(Ensemble, name)
     if ensemble is None:
-        raise CatalogueError("not_found", f"no ensemble named {name!r}")
+        alias = session.get(Alias, name)
+        if alias is None:
+            raise CatalogueError(
+                "not_found",
+                f"no ensemble or alias named {name!r}; `tspace-coord ensembles list` shows them",
+            )
+        ensemble = session.get_one(Ensemble, alias.ensemble)
     return _ensemble_record(session, ensemble)
 
 
 def list_ensembles(session: Session) -> list[EnsembleRecord]:
     ensembles = session.scalars(select(Ensemble).order_by(Ensemble.created_at, Ensemble.name))
     return [_ensemble_record(session, e) for e in ensembles]
+
+
+def set_alias(session: Session, alias: str, ensemble: str, now: float) -> AliasRecord:
+    """Point `alias` at `ensemble` (itself possibly an alias); an existing alias moves."""
+    if not alias:
+        raise CatalogueError("invalid_argument", "an alias needs a name")
+    if session.get(Ensemble, alias) is not None:
+        raise CatalogueError(
+            "already_exists", f"{alias!r} is an ensemble's own name; an alias needs another name"
+        )
+    target = get_ensemble(session, ensemble).name
+    row = session.get(Alias, alias)
+    previous = None if row is None else row.ensemble
+    if row is None:
+        row = Alias(name=alias, ensemble=target, updated_at=now)
+        session.add(row)
+    else:
+        row.ensemble, row.updated_at = target, now
+    moved = f" (was {previous})" if previous and previous != target else ""
+    add_event(session, "alias_set", f"alias {alias} -> {target}{moved}", now)
+    session.flush()
+    return AliasRecord(alias=alias, ensemble=target, updated_at=now)
+
+
+def list_aliases(session: Session) -> list[AliasRecord]:
+    return [
+        AliasRecord(alias=a.name, ensemble=a.ensemble, updated_at=a.updated_at)
+        for a in session.scalars(select(Alias).order_by(Alias.name))
+    ]
 
 
 def _ensemble_record(session: Session, ensemble: Ensemble) -> EnsembleRecord:
@@ -228,6 +280,9 @@ def _ensemble_record(session: Session, ensemble: Ensemble) -> EnsembleRecord:
         )
         for ckpt, unit, unit_job, worker in rows
     )
+    aliases = session.scalars(
+        select(Alias.name).where(Alias.ensemble == ensemble.name).order_by(Alias.name)
+    )
     return EnsembleRecord(
         name=ensemble.name,
         job=job.name,
@@ -235,4 +290,5 @@ def _ensemble_record(session: Session, ensemble: Ensemble) -> EnsembleRecord:
         spec_json=job.spec_json,
         created_at=ensemble.created_at,
         members=members,
+        aliases=tuple(aliases),
     )

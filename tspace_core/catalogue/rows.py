@@ -31,7 +31,7 @@ def job_row(session: Session, name: str, *, lock: bool = False) -> Job:
     job = session.scalar(query.with_for_update() if lock else query)
     if job is None:
         raise CatalogueError(
-            "not_found", f"no job named {name!r}; `tspace-coord job list` shows them"
+            "not_found", f"no job named {name!r}; `tspace-coord jobs list` shows them"
         )
     return job
 
@@ -48,7 +48,9 @@ def unit_row(session: Session, job: str, unit: int) -> tuple[Unit, Job]:
 def worker_row(session: Session, worker_id: str, *, active: bool = False) -> Worker:
     worker = session.get(Worker, worker_id)
     if worker is None:
-        raise CatalogueError("not_found", f"no worker {worker_id!r}")
+        raise CatalogueError(
+            "not_found", f"no worker {worker_id!r}; `tspace-coord workers list` shows them"
+        )
     if active and worker.status == WORKER_REVOKED:
         raise CatalogueError(
             "unauthenticated", f"worker {worker_id!r} is revoked; enrol again with a new join token"
@@ -221,4 +223,5 @@ def checkpoint_record(ckpt: Checkpoint, unit: Unit, job: Job, worker: Worker) ->
         metrics=dict(ckpt.metrics),
         shards_seen=tuple(ckpt.shards_seen),
         trusted=worker.status == WORKER_ACTIVE,
+        discarded=ckpt.discarded,
     )

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-from sqlalchemy import CursorResult, and_, select, update
+from sqlalchemy import CursorResult, and_, func, select, update
 from sqlalchemy.orm import Session
 
 from tspace_core.catalogue.enrolment import add_event
 from tspace_core.catalogue.errors import CatalogueError
-from tspace_core.catalogue.models import Job, Lease, Shard, Unit
+from tspace_core.catalogue.models import Checkpoint, Job, Lease, Shard, Unit, Worker
+from tspace_core.catalogue.operator import settle_job
 from tspace_core.catalogue.records import (
     JOB_ACTIVE,
     LEASE_ACTIVE,
@@ -19,6 +21,7 @@ from tspace_core.catalogue.records import (
     UNIT_FAILED,
     UNIT_LEASED,
     UNIT_PENDING,
+    WORKER_ACTIVE,
     JobRecord,
     LeaseRecord,
     ShardRecord,
@@ -100,16 +103,41 @@ def list_jobs(session: Session) -> list[JobRecord]:
 
 
 def units(session: Session, job: str | None = None) -> list[UnitRecord]:
-    """Units in job then unit order, with the progress of the active lease where there is one."""
+    """Units in job then unit order, with the progress of the active lease where there is one
+    and the step and time of the newest checkpoint a lease would resume from."""
+    # Per unit, the checkpoint newest_checkpoint() would resume from: highest step, then newest.
+    ranked = (
+        select(
+            Checkpoint.unit_id,
+            Checkpoint.step.label("step"),
+            Checkpoint.created_at.label("at"),
+            func.row_number()
+            .over(
+                partition_by=Checkpoint.unit_id,
+                order_by=(Checkpoint.step.desc(), Checkpoint.created_at.desc()),
+            )
+            .label("rank"),
+        )
+        .join(Worker, Checkpoint.worker_id == Worker.worker_id)
+        .where(Checkpoint.discarded.is_(False), Worker.status == WORKER_ACTIVE)
+        .subquery()
+    )
+    newest = (
+        select(ranked.c.unit_id, ranked.c.step, ranked.c.at).where(ranked.c.rank == 1).subquery()
+    )
     query = (
-        select(Unit, Job, Lease)
+        select(Unit, Job, Lease, newest.c.step, newest.c.at)
         .join(Job, Unit.job_id == Job.id)
         .outerjoin(Lease, and_(Lease.unit_id == Unit.id, Lease.status == LEASE_ACTIVE))
+        .outerjoin(newest, newest.c.unit_id == Unit.id)
         .order_by(Job.created_at, Job.id, Unit.unit)
     )
     if job is not None:
         query = query.where(Unit.job_id == job_row(session, job).id)
-    return [unit_record(u, j, lease) for u, j, lease in session.execute(query)]
+    return [
+        replace(unit_record(u, j, lease), newest_step=step, newest_checkpoint_at=at)
+        for u, j, lease, step, at in session.execute(query)
+    ]
 
 
 def acquire(
@@ -235,4 +263,6 @@ def _end_lease(
         unit=unit.unit,
         worker_id=lease.worker_id,
     )
+    if unit.status == UNIT_FAILED:
+        settle_job(session, job, now)
     return unit_record(unit, job, None)

@@ -14,19 +14,22 @@ from typing import TypeVar
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from tspace_core.catalogue import enrolment, results, scheduling
+from tspace_core.catalogue import enrolment, operator, results, scheduling
 from tspace_core.catalogue.engine import WRITE_OPTION, make_engine, upgrade
 from tspace_core.catalogue.errors import CatalogueError
 from tspace_core.catalogue.records import (
+    AliasRecord,
     CheckpointRecord,
     EnsembleRecord,
     EventRecord,
     JobRecord,
     LeaseRecord,
     ShardRecord,
+    TokenRecord,
     UnitRecord,
     WorkerRecord,
 )
+from tspace_core.catalogue.selection import choose_members
 
 __all__ = ["Catalogue", "CatalogueError"]
 
@@ -91,9 +94,17 @@ class Catalogue:
 
     # Enrolment and workers.
 
-    def add_token(self, token_hash: str, site: str, expires_at: float) -> None:
+    def add_token(self, token_hash: str, site: str, expires_at: float, now: float) -> None:
         """Enrol a one-time join token (stored by its hash) for `site`."""
-        self._run(lambda s: enrolment.add_token(s, token_hash, site, expires_at))
+        self._run(lambda s: enrolment.add_token(s, token_hash, site, expires_at, now))
+
+    def list_tokens(self, now: float) -> list[TokenRecord]:
+        """Every join token, oldest first, with its status at `now`."""
+        return self._run(lambda s: operator.list_tokens(s, now), write=False)
+
+    def revoke_token(self, token_id: str, now: float) -> TokenRecord:
+        """Revoke the unused token whose id (hash prefix, >= 6 hex digits) is `token_id`."""
+        return self._run(lambda s: operator.revoke_token(s, token_id, now))
 
     def register_worker(
         self,
@@ -127,8 +138,9 @@ class Catalogue:
         return self._run(lambda s: enrolment.get_worker(s, worker_id), write=False)
 
     def revoke_worker(self, worker_id: str, now: float) -> WorkerRecord:
-        """Revoke a worker: its checkpoints become untrusted and it can lease no more units."""
-        return self._run(lambda s: enrolment.revoke_worker(s, worker_id, now))
+        """Revoke a worker: its checkpoints become untrusted, it can lease no more units, and
+        the units it was training go back to pending. Refused when already revoked."""
+        return self._run(lambda s: operator.revoke_worker(s, worker_id, now))
 
     # Jobs and units.
 
@@ -160,6 +172,20 @@ class Catalogue:
     def units(self, job: str | None = None) -> list[UnitRecord]:
         """Units (of one job, or all), with the progress of their active leases."""
         return self._run(lambda s: scheduling.units(s, job), write=False)
+
+    def change_job(self, name: str, action: str, now: float) -> JobRecord:
+        """Pause (running leases are cancelled, units keep their checkpoints), resume or cancel
+        (final) a job; a job in the wrong state for `action` is refused."""
+        return self._run(lambda s: operator.change_job(s, name, action, now))
+
+    def retry_unit(self, job: str, unit: int, now: float) -> UnitRecord:
+        """Give a failed unit fresh attempts (a failed job becomes active again)."""
+        return self._run(lambda s: operator.retry_unit(s, job, unit, now))
+
+    def reset_unit(self, job: str, unit: int, checkpoint: str, now: float) -> UnitRecord:
+        """Train a unit again from one of its checkpoints (digest or prefix); later ones are
+        discarded and a lease running on the unit is cancelled."""
+        return self._run(lambda s: operator.reset_unit(s, job, unit, checkpoint, now))
 
     # Leases.
 
@@ -218,6 +244,10 @@ class Catalogue:
     def get_checkpoint(self, sha256: str) -> CheckpointRecord:
         return self._run(lambda s: results.get_checkpoint(s, sha256), write=False)
 
+    def resolve_checkpoint(self, ref: str) -> CheckpointRecord:
+        """The checkpoint whose digest is `ref` or starts with it (>= 8 hex digits)."""
+        return self._run(lambda s: operator.resolve_checkpoint(s, ref), write=False)
+
     def newest_checkpoint(self, job: str, unit: int) -> CheckpointRecord | None:
         """The unit's trusted, verified checkpoint with the highest step: where to resume."""
         return self._run(lambda s: results.newest_checkpoint(s, job, unit), write=False)
@@ -239,11 +269,37 @@ class Catalogue:
         """Register `name` as the ensemble {unit: checkpoint sha256} covering every unit of job."""
         return self._run(lambda s: results.register_ensemble(s, name, job, members, now))
 
+    def register_selected(
+        self, name: str, job: str, rule: str, picks: Mapping[int, str], now: float
+    ) -> EnsembleRecord:
+        """Register `name` from job's checkpoints chosen by `rule` (see selection.RULES), with
+        `picks` ({unit: digest or prefix}) overriding the rule for their units."""
+
+        def work(s: Session) -> EnsembleRecord:
+            units = [u.unit for u in scheduling.units(s, job)]
+            chosen = {u: operator.resolve_checkpoint(s, ref) for u, ref in picks.items()}
+            members = choose_members(units, results.list_checkpoints(s, job), rule, chosen)
+            record = results.register_ensemble(s, name, job, members, now)
+            enrolment.add_event(
+                s, "ensemble_registered", f"ensemble {name} of {job} ({rule})", now, job=job
+            )
+            return record
+
+        return self._run(work)
+
     def get_ensemble(self, name: str) -> EnsembleRecord:
+        """The ensemble named `name`, or the one the alias `name` points at."""
         return self._run(lambda s: results.get_ensemble(s, name), write=False)
 
     def list_ensembles(self) -> list[EnsembleRecord]:
         return self._run(results.list_ensembles, write=False)
+
+    def set_alias(self, alias: str, ensemble: str, now: float) -> AliasRecord:
+        """Point `alias` at an ensemble; an existing alias moves."""
+        return self._run(lambda s: results.set_alias(s, alias, ensemble, now))
+
+    def list_aliases(self) -> list[AliasRecord]:
+        return self._run(results.list_aliases, write=False)
 
     # Events.
 

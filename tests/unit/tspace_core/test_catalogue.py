@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, make_url
+from sqlalchemy import create_engine
 
 from tspace_core.catalogue import (
     JOB_ACTIVE,
     JOB_DONE,
+    JOB_FAILED,
     LEASE_ACTIVE,
     LEASE_COMPLETED,
     LEASE_EXPIRED,
@@ -50,9 +48,6 @@ from tspace_core.catalogue import (
 from tspace_core.catalogue.engine import alembic_config
 from tspace_core.catalogue.models import Base
 
-PG_ADMIN_URL = os.environ.get(
-    "TSPACE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 T0 = 1_700_000_000.0
 TTL = 30.0
 UNITS = [[999, 899], [799, 699], [599]]
@@ -60,48 +55,6 @@ SHARDS = [
     ShardRecord("shard-00000.safetensors", "a" * 64, 1000, 10),
     ShardRecord("s1", "b" * 64, 5, 1),
 ]
-
-
-# --- fixtures: one SQLite file per test; one PostgreSQL database per module, reset per test ---
-
-
-def _pg_conninfo(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    try:
-        admin = psycopg.connect(_pg_conninfo(PG_ADMIN_URL), autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as e:
-        reason = f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {e}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    name = f"tspace_{secrets.token_hex(6)}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return sqlite_url(tmp_path / "catalogue.db")
-    database: str = request.getfixturevalue("pg_database")
-    with psycopg.connect(_pg_conninfo(database), autocommit=True) as conn:
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-    return database
-
-
-@pytest.fixture
-def cat(url: str) -> Iterator[Catalogue]:
-    with Catalogue(url) as catalogue:
-        yield catalogue
 
 
 # --- helpers ---
@@ -117,7 +70,7 @@ def add_job(cat: Catalogue, name: str = "digits", units: list[list[int]] = UNITS
 
 def enrol(cat: Catalogue, key: str = "k1", site: str = "site-a") -> WorkerRecord:
     token = hashlib.sha256(key.encode()).hexdigest()
-    cat.add_token(token, site, T0 + 3600)
+    cat.add_token(token, site, T0 + 3600, T0)
     return cat.register_worker(token, b"pk-" + key.encode(), key, "cred-" + key, "cpu", "host", T0)
 
 
@@ -185,7 +138,7 @@ def test_migrations_match_models(url: str) -> None:
             context = MigrationContext.configure(conn)
             assert compare_metadata(context, Base.metadata) == []
             head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-            assert context.get_current_revision() == head == "0001"
+            assert context.get_current_revision() == head == "0002"
     finally:
         engine.dispose()
 
@@ -237,8 +190,8 @@ def join(cat: Catalogue, token: str, key: str, now: float = T0) -> WorkerRecord:
 
 
 def test_register_worker_consumes_the_token_once(cat: Catalogue) -> None:
-    cat.add_token("t1", "site-a", T0 + 60)
-    refused("already_exists", cat.add_token, "t1", "site-b", T0 + 60)
+    cat.add_token("t1", "site-a", T0 + 60, T0)
+    refused("already_exists", cat.add_token, "t1", "site-b", T0 + 60, T0)
     worker = join(cat, "t1", "key-1")
     assert re.fullmatch(r"w-[0-9a-f]{12}", worker.worker_id)
     expected = WorkerRecord(
@@ -250,7 +203,7 @@ def test_register_worker_consumes_the_token_once(cat: Catalogue) -> None:
 
 
 def test_expired_token_and_duplicate_key_are_refused(cat: Catalogue) -> None:
-    cat.add_token("t1", "site-a", T0 + 60)
+    cat.add_token("t1", "site-a", T0 + 60, T0)
     refused("unauthenticated", join, cat, "t1", "key-1", T0 + 60, match="join token expired")
     enrol(cat, "key-1")
     refused("already_exists", join, cat, "t1", "key-1")
@@ -360,10 +313,14 @@ def test_expire_requeues_until_attempts_are_exhausted(cat: Catalogue) -> None:
     assert [x.lease_id for x in cat.expire_leases(T0 + 200, max_attempts=2)] == [second.lease_id]
     assert cat.units() == [UnitRecord("digits", 0, (9,), UNIT_FAILED, 2, 500, "lease expired")]
     assert cat.acquire(worker, T0 + 300, TTL, first) is None
-    assert cat.get_job("digits").units_failed == 1
+    # Its only unit is out of attempts: the job has failed, until an operator retries the unit.
+    assert (cat.get_job("digits").units_failed, cat.get_job("digits").status) == (1, JOB_FAILED)
     kinds = [(e.kind, e.job, e.unit, e.worker_id) for e in cat.events()]
-    assert kinds == [("lease_expired", "digits", 0, worker)] * 2
-    assert "unit failed" in cat.events()[0].message
+    assert (
+        kinds
+        == [("job_failed", "digits", None, None)] + [("lease_expired", "digits", 0, worker)] * 2
+    )
+    assert "unit failed" in cat.events()[1].message
 
 
 def test_fail_lease_records_the_error(cat: Catalogue) -> None:

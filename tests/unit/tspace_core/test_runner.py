@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 
 from tspace_core.checkpoint import load_checkpoint, read_meta
 from tspace_core.ensemble import read_manifest
-from tspace_core.errors import TspaceError
+from tspace_core.errors import SpecError, TspaceError
 from tspace_core.jobspec import Job, resolve, spec_from_dict
 from tspace_core.runner import UnitProgress, check_out_dir, train_job
 
@@ -192,3 +193,18 @@ def test_grouped_partitions_train_one_member_per_unit(
         assert meta["states"] == list(member.timesteps) and meta["step"] == 2
     folders = sorted(p.name for p in (out / "units").iterdir())
     assert folders == [f"unit-{i:03d}" for i in range(len(units))]
+
+
+def test_held_out_images_give_every_checkpoint_a_validation_loss(tmp_path: Path) -> None:
+    job = _job(validation_images=50)
+    train_job(job, tmp_path / "run")
+    for unit in range(3):
+        folder = tmp_path / "run" / "units" / f"unit-{unit:03d}"
+        metrics = [read_meta(folder / name)["metrics"] for name in sorted(os.listdir(folder))]
+        assert [set(m) for m in metrics] == [{"loss", "val_loss"}] * 2
+        assert all(0 < m["val_loss"] < 10 for m in metrics)
+
+
+def test_a_held_out_set_as_large_as_the_data_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="hold out fewer"):
+        train_job(_job(validation_images=5000), tmp_path / "run")

@@ -11,12 +11,14 @@ from google.protobuf.message import Message
 
 from tspace_core import serde
 from tspace_core.catalogue.records import (
+    AliasRecord,
     CheckpointRecord,
     EnsembleMemberRecord,
     EnsembleRecord,
     EventRecord,
     JobRecord,
     ShardRecord,
+    TokenRecord,
     UnitRecord,
     WorkerRecord,
 )
@@ -86,6 +88,59 @@ def test_checkpoint_fields_land_on_the_named_proto_fields() -> None:
     assert ref.key_id == "k-1" and ref.public_key == bytes(range(32)) and not ref.final
 
 
+def test_checkpoint_info_round_trip_keeps_what_the_operator_sees() -> None:
+    rich = _checkpoint(
+        worker_id="w-1",
+        created_at=1.7e9 + 0.125,
+        attempt=3,
+        metrics={"loss": 0.0625, "val_loss": 1e-300, "images": 4096.0},
+        shards_seen=("a", "b"),
+        trusted=False,
+        discarded=True,
+    )
+    info = _wire(serde.checkpoint_info_to_proto(rich))
+    assert (info.trusted, info.discarded, info.ref.sha256) == (False, True, "ab" * 32)
+    # The shard list is not on the wire; everything else comes back exactly.
+    assert serde.checkpoint_info_from_proto(info) == dataclasses.replace(rich, shards_seen=())
+    plain = _checkpoint(worker_id="w-2", created_at=5.0, attempt=1)
+    back = serde.checkpoint_info_from_proto(_wire(serde.checkpoint_info_to_proto(plain)))
+    assert back == plain and back.trusted and not back.discarded
+
+
+def test_checkpoint_info_leaves_out_a_metric_that_was_not_finite() -> None:
+    # The catalogue stores a non-finite metric as null, i.e. None.
+    ckpt = _checkpoint(worker_id="w-1", metrics={"loss": None, "fid": 12.5, "step_s": 2})
+    info = _wire(serde.checkpoint_info_to_proto(ckpt))
+    assert dict(info.metrics) == {"fid": 12.5, "step_s": 2.0}
+    assert serde.checkpoint_info_from_proto(info).metrics == {"fid": 12.5, "step_s": 2.0}
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        TokenRecord("0123456789ab", "lab-a", "unused", 1.7e9, 1.7e9 + 3600),
+        TokenRecord("ba9876543210", "lab-b", "used", 1.7e9 + 0.5, 1.7e9 + 60, None, "w-1"),
+        # Enrolled before creation times were recorded.
+        TokenRecord("ffffffffffff", "lab-c", "expired", None, 1.0),
+    ],
+)
+def test_token_round_trip(token: TokenRecord) -> None:
+    msg = _wire(serde.token_to_proto(token))
+    assert msg.created_at == (token.created_at or 0.0)
+    assert serde.token_from_proto(msg) == token
+
+
+def test_token_use_time_is_not_on_the_wire() -> None:
+    used = TokenRecord("0123456789ab", "lab-a", "used", 10.0, 20.0, used_at=15.0, worker_id="w-1")
+    back = serde.token_from_proto(_wire(serde.token_to_proto(used)))
+    assert back == dataclasses.replace(used, used_at=None)
+
+
+def test_alias_round_trip() -> None:
+    alias = AliasRecord(alias="production", ensemble="cifar:final-2", updated_at=1.7e9 + 0.75)
+    assert serde.alias_from_proto(_wire(serde.alias_to_proto(alias))) == alias
+
+
 def test_unit_status_round_trip() -> None:
     leased = UnitRecord(
         job="cifar",
@@ -108,7 +163,7 @@ def test_unit_status_round_trip() -> None:
     assert serde.unit_status_from_proto(_wire(msg)).worker_id is None
 
 
-def test_unit_status_drops_lease_id_and_last_error() -> None:
+def test_unit_status_keeps_last_error_and_drops_lease_id() -> None:
     unit = UnitRecord(
         job="j",
         unit=1,
@@ -119,8 +174,32 @@ def test_unit_status_drops_lease_id_and_last_error() -> None:
         last_error="OOM",
         lease_id="l-1",
     )
-    back = serde.unit_status_from_proto(_wire(serde.unit_status_to_proto(unit)))
-    assert back == dataclasses.replace(unit, last_error="", lease_id=None)
+    msg = _wire(serde.unit_status_to_proto(unit))
+    assert msg.last_error == "OOM"
+    back = serde.unit_status_from_proto(msg)
+    assert back == dataclasses.replace(unit, lease_id=None)
+
+
+@pytest.mark.parametrize(
+    ("newest_step", "newest_at"), [(None, None), (0, 0.0), (0, 1.7e9 + 0.25), (2**40, 1.7e9)]
+)
+def test_unit_status_keeps_no_checkpoint_apart_from_step_zero(
+    newest_step: int | None, newest_at: float | None
+) -> None:
+    unit = UnitRecord(
+        job="j",
+        unit=0,
+        timesteps=(5,),
+        status="pending",
+        attempts=1,
+        total_steps=10,
+        newest_step=newest_step,
+        newest_checkpoint_at=newest_at,
+    )
+    msg = _wire(serde.unit_status_to_proto(unit))
+    assert msg.HasField("newest_step") == (newest_step is not None)
+    assert msg.HasField("newest_checkpoint_at") == (newest_at is not None)
+    assert serde.unit_status_from_proto(msg) == unit
 
 
 def test_worker_age_is_relative_to_now() -> None:
@@ -145,7 +224,7 @@ def test_worker_age_is_relative_to_now() -> None:
     )
 
 
-def test_job_round_trip_on_the_wire_subset() -> None:
+def test_job_round_trip_keeps_total_steps_and_created_at() -> None:
     job = JobRecord(
         name="cifar",
         job_hash="h" * 64,
@@ -160,9 +239,8 @@ def test_job_round_trip_on_the_wire_subset() -> None:
     )
     info = _wire(serde.job_to_proto(job))
     assert (info.units, info.units_done, info.units_failed) == (8, 3, 1)
-    assert serde.job_from_proto(info) == dataclasses.replace(
-        job, spec_json="", total_steps=0, created_at=0.0, shards=()
-    )
+    assert (info.total_steps, info.created_at) == (5000, 1.7e9)
+    assert serde.job_from_proto(info) == dataclasses.replace(job, spec_json="", shards=())
 
 
 @pytest.mark.parametrize(
@@ -207,6 +285,14 @@ def test_ensemble_round_trip_with_schedule() -> None:
     assert record == ens
     assert timesteps == (0, 1, 2, 3)
     assert alphas_cumprod == tuple(float(a) for a in alphas)  # doubles survive exactly
+
+
+def test_ensemble_round_trip_keeps_created_at_and_aliases() -> None:
+    ens = dataclasses.replace(_ensemble(), created_at=1.7e9 + 0.5, aliases=("live", "prod"))
+    msg = _wire(serde.ensemble_to_proto(ens, (), ()))
+    assert list(msg.aliases) == ["live", "prod"]
+    record, _, _ = serde.ensemble_from_proto(msg)
+    assert record == ens
 
 
 def _assignment(resume_from: CheckpointRecord | None) -> serde.Assignment:

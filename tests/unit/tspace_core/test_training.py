@@ -393,3 +393,84 @@ def test_loss_decreases_on_a_single_state_unit() -> None:
 def test_non_finite_numbers_are_refused(field, value):
     with pytest.raises(SpecError, match=f"^{field}: .* not a finite number"):
         TrainConfig(**{field: value})
+
+
+# --- held-out validation loss ---
+
+
+def _validated(cfg: TrainConfig, held: int = 40, **kw: Any) -> UnitTrainer:
+    """A trainer on all digits but the last `held`, validating on those."""
+    return UnitTrainer(
+        build_unet(CONFIG, seed=3),
+        (332, 666),
+        tuple(float(BASE[t]) for t in (332, 666)),
+        DIGITS.images[:-held],
+        cfg,
+        labels=DIGITS.labels[:-held],
+        seed=3,
+        validation=(DIGITS.images[-held:], DIGITS.labels[-held:]),
+        **kw,
+    )
+
+
+def test_validation_loss_is_the_ema_weights_loss_on_the_held_out_images() -> None:
+    trainer = _validated(_cfg(ema_decay=0.5, batch_size=16))
+    for _ in range(3):
+        trainer.train_step()
+    # Independent route: the EMA weights loaded into a second model, every image in one batch,
+    # noise drawn state by state from the documented seed (the trainer's seed + 1).
+    model = build_unet(CONFIG, seed=0)
+    model.load_state_dict(trainer.ema_state_dict())
+    generator = torch.Generator().manual_seed(3 + 1)
+    x0 = DIGITS.images[-40:].float() / 127.5 - 1
+    losses = []
+    with torch.no_grad():
+        for t in (332, 666):
+            noise = torch.randn(x0.shape, generator=generator)
+            abar = torch.full((len(x0),), float(BASE[t]))
+            pred = model(q_sample(x0, noise, abar), torch.full((len(x0),), t), DIGITS.labels[-40:])
+            losses.append(F.mse_loss(pred.sample, noise))
+    expected = float(torch.stack(losses).mean())
+    assert trainer.validation_loss() == pytest.approx(expected, rel=1e-5)
+    assert trainer.metrics()["val_loss"] == trainer.validation_loss()  # fixed noise: repeatable
+
+
+def test_validation_does_not_change_training_and_falls_with_it() -> None:
+    cfg = _cfg(steps=40, lr=3e-3, ema_decay=0.0)
+    with_val = _validated(cfg)
+    without = UnitTrainer(
+        build_unet(CONFIG, seed=3),
+        (332, 666),
+        tuple(float(BASE[t]) for t in (332, 666)),
+        DIGITS.images[:-40],
+        cfg,
+        labels=DIGITS.labels[:-40],
+        seed=3,
+    )
+    start = with_val.validation_loss()
+    for _ in range(40):
+        with_val.train_step()
+        without.train_step()
+    _assert_same_trainer(with_val, without)
+    assert "val_loss" not in without.metrics()
+    assert with_val.validation_loss() < 0.8 * start
+
+
+def test_validation_loss_needs_held_out_images() -> None:
+    with pytest.raises(ValueError, match="validation_images"):
+        _trainer(_cfg()).validation_loss()
+
+
+def test_split_validation_holds_out_the_same_images_for_every_unit() -> None:
+    from tspace_core.runner import split_validation
+
+    train, held = split_validation(DIGITS, 100, seed=7)
+    assert held is not None and len(held) == 100 and len(train) == len(DIGITS) - 100
+    assert sorted(torch.cat([train, held]).tolist()) == list(range(len(DIGITS)))
+    again, held_again = split_validation(DIGITS, 100, seed=7)
+    assert torch.equal(held, held_again) and torch.equal(train, again)
+    other = split_validation(DIGITS, 100, seed=8)[1]
+    assert other is not None and not torch.equal(held, other)
+    assert split_validation(DIGITS, 0, seed=7) == (slice(None), None)
+    with pytest.raises(SpecError, match=f"has {len(DIGITS)} images"):
+        split_validation(DIGITS, len(DIGITS), seed=7)

@@ -44,15 +44,70 @@ class AdminServiceStub(object):
                 request_serializer=tspace_dot_v1_dot_admin__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=tspace_dot_v1_dot_admin__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/tspace.v1.AdminService/GetJob',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.JobDetail.FromString,
+                _registered_method=True)
+        self.ChangeJob = channel.unary_unary(
+                '/tspace.v1.AdminService/ChangeJob',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.ChangeJobRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.JobInfo.FromString,
+                _registered_method=True)
+        self.ListUnits = channel.unary_unary(
+                '/tspace.v1.AdminService/ListUnits',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.ListUnitsRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.ListUnitsResponse.FromString,
+                _registered_method=True)
+        self.RetryUnit = channel.unary_unary(
+                '/tspace.v1.AdminService/RetryUnit',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.RetryUnitRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.UnitStatus.FromString,
+                _registered_method=True)
+        self.ResetUnit = channel.unary_unary(
+                '/tspace.v1.AdminService/ResetUnit',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.ResetUnitRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.UnitStatus.FromString,
+                _registered_method=True)
         self.Enroll = channel.unary_unary(
                 '/tspace.v1.AdminService/Enroll',
                 request_serializer=tspace_dot_v1_dot_admin__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=tspace_dot_v1_dot_admin__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/tspace.v1.AdminService/ListTokens',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/tspace.v1.AdminService/RevokeToken',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.TokenInfo.FromString,
+                _registered_method=True)
         self.ListWorkers = channel.unary_unary(
                 '/tspace.v1.AdminService/ListWorkers',
                 request_serializer=tspace_dot_v1_dot_admin__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=tspace_dot_v1_dot_admin__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
+        self.GetWorker = channel.unary_unary(
+                '/tspace.v1.AdminService/GetWorker',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.GetWorkerRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.WorkerDetail.FromString,
+                _registered_method=True)
+        self.RevokeWorker = channel.unary_unary(
+                '/tspace.v1.AdminService/RevokeWorker',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.RevokeWorkerRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.WorkerInfo.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/tspace.v1.AdminService/ListCheckpoints',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.VerifyCheckpoints = channel.unary_stream(
+                '/tspace.v1.AdminService/VerifyCheckpoints',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.VerifyCheckpointsRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.CheckpointVerdict.FromString,
                 _registered_method=True)
         self.GetEnsemble = channel.unary_unary(
                 '/tspace.v1.AdminService/GetEnsemble',
@@ -63,6 +118,16 @@ class AdminServiceStub(object):
                 '/tspace.v1.AdminService/ListEnsembles',
                 request_serializer=tspace_dot_v1_dot_admin__pb2.ListEnsemblesRequest.SerializeToString,
                 response_deserializer=tspace_dot_v1_dot_admin__pb2.ListEnsemblesResponse.FromString,
+                _registered_method=True)
+        self.RegisterEnsemble = channel.unary_unary(
+                '/tspace.v1.AdminService/RegisterEnsemble',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.RegisterEnsembleRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.Ensemble.FromString,
+                _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/tspace.v1.AdminService/SetAlias',
+                request_serializer=tspace_dot_v1_dot_admin__pb2.SetAliasRequest.SerializeToString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.AliasInfo.FromString,
                 _registered_method=True)
         self.Status = channel.unary_stream(
                 '/tspace.v1.AdminService/Status',
@@ -86,7 +151,53 @@ class AdminServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangeJob(self, request, context):
+        """Pause (stop handing out units and stop running leases), resume, or cancel (for good).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUnits(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryUnit(self, request, context):
+        """Give a failed unit fresh attempts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetUnit(self, request, context):
+        """Train a unit again from one of its checkpoints; later checkpoints are discarded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Enroll(self, request, context):
+        """Create a one-time join token for a site.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +205,32 @@ class AdminServiceServicer(object):
 
     def ListWorkers(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWorker(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeWorker(self, request, context):
+        """Refuse the worker's credential from now on; its running leases go back to pending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyCheckpoints(self, request, context):
+        """Re-read each checkpoint from the store: digest, signature, signer; one verdict each.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -106,6 +243,19 @@ class AdminServiceServicer(object):
 
     def ListEnsembles(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterEnsemble(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Point an alias (a second name, e.g. "production") at an ensemble; moves an existing alias.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -130,15 +280,70 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=tspace_dot_v1_dot_admin__pb2.ListJobsRequest.FromString,
                     response_serializer=tspace_dot_v1_dot_admin__pb2.ListJobsResponse.SerializeToString,
             ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.GetJobRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.JobDetail.SerializeToString,
+            ),
+            'ChangeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeJob,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.ChangeJobRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.JobInfo.SerializeToString,
+            ),
+            'ListUnits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUnits,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.ListUnitsRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.ListUnitsResponse.SerializeToString,
+            ),
+            'RetryUnit': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryUnit,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.RetryUnitRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.UnitStatus.SerializeToString,
+            ),
+            'ResetUnit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetUnit,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.ResetUnitRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.UnitStatus.SerializeToString,
+            ),
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
                     request_deserializer=tspace_dot_v1_dot_admin__pb2.EnrollRequest.FromString,
                     response_serializer=tspace_dot_v1_dot_admin__pb2.EnrollResponse.SerializeToString,
             ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.ListTokensRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.TokenInfo.SerializeToString,
+            ),
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
                     request_deserializer=tspace_dot_v1_dot_admin__pb2.ListWorkersRequest.FromString,
                     response_serializer=tspace_dot_v1_dot_admin__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'GetWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWorker,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.GetWorkerRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.WorkerDetail.SerializeToString,
+            ),
+            'RevokeWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeWorker,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.RevokeWorkerRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.WorkerInfo.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'VerifyCheckpoints': grpc.unary_stream_rpc_method_handler(
+                    servicer.VerifyCheckpoints,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.VerifyCheckpointsRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.CheckpointVerdict.SerializeToString,
             ),
             'GetEnsemble': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEnsemble,
@@ -149,6 +354,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListEnsembles,
                     request_deserializer=tspace_dot_v1_dot_admin__pb2.ListEnsemblesRequest.FromString,
                     response_serializer=tspace_dot_v1_dot_admin__pb2.ListEnsemblesResponse.SerializeToString,
+            ),
+            'RegisterEnsemble': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterEnsemble,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.RegisterEnsembleRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.Ensemble.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=tspace_dot_v1_dot_admin__pb2.SetAliasRequest.FromString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.AliasInfo.SerializeToString,
             ),
             'Status': grpc.unary_stream_rpc_method_handler(
                     servicer.Status,
@@ -221,6 +436,141 @@ class AdminService(object):
             _registered_method=True)
 
     @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/GetJob',
+            tspace_dot_v1_dot_admin__pb2.GetJobRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.JobDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/ChangeJob',
+            tspace_dot_v1_dot_admin__pb2.ChangeJobRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.JobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUnits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/ListUnits',
+            tspace_dot_v1_dot_admin__pb2.ListUnitsRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.ListUnitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryUnit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/RetryUnit',
+            tspace_dot_v1_dot_admin__pb2.RetryUnitRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.UnitStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetUnit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/ResetUnit',
+            tspace_dot_v1_dot_admin__pb2.ResetUnitRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.UnitStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Enroll(request,
             target,
             options=(),
@@ -248,6 +598,60 @@ class AdminService(object):
             _registered_method=True)
 
     @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/ListTokens',
+            tspace_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/RevokeToken',
+            tspace_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.TokenInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListWorkers(request,
             target,
             options=(),
@@ -264,6 +668,114 @@ class AdminService(object):
             '/tspace.v1.AdminService/ListWorkers',
             tspace_dot_v1_dot_admin__pb2.ListWorkersRequest.SerializeToString,
             tspace_dot_v1_dot_admin__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/GetWorker',
+            tspace_dot_v1_dot_admin__pb2.GetWorkerRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.WorkerDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/RevokeWorker',
+            tspace_dot_v1_dot_admin__pb2.RevokeWorkerRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/ListCheckpoints',
+            tspace_dot_v1_dot_admin__pb2.ListCheckpointsRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tspace.v1.AdminService/VerifyCheckpoints',
+            tspace_dot_v1_dot_admin__pb2.VerifyCheckpointsRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.CheckpointVerdict.FromString,
             options,
             channel_credentials,
             insecure,
@@ -318,6 +830,60 @@ class AdminService(object):
             '/tspace.v1.AdminService/ListEnsembles',
             tspace_dot_v1_dot_admin__pb2.ListEnsemblesRequest.SerializeToString,
             tspace_dot_v1_dot_admin__pb2.ListEnsemblesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterEnsemble(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/RegisterEnsemble',
+            tspace_dot_v1_dot_admin__pb2.RegisterEnsembleRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.Ensemble.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tspace.v1.AdminService/SetAlias',
+            tspace_dot_v1_dot_admin__pb2.SetAliasRequest.SerializeToString,
+            tspace_dot_v1_dot_admin__pb2.AliasInfo.FromString,
             options,
             channel_credentials,
             insecure,
