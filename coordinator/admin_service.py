@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -142,7 +144,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         catalogue, now = self.state.catalogue, self.state.clock()
         worker = catalogue.get_worker(request.worker_id[:MAX_TEXT])
         leased = [u for u in catalogue.units() if u.worker_id == worker.worker_id]
-        signed = sum(1 for c in catalogue.list_checkpoints() if c.worker_id == worker.worker_id)
+        signed = len(catalogue.list_checkpoints(worker_id=worker.worker_id))
         return admin_pb2.WorkerDetail(
             worker=serde.worker_to_proto(worker, now),
             hostname=worker.hostname,
@@ -162,7 +164,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     @handles_errors
     def ListCheckpoints(self, request, context):
         self.state.require_admin(context)
-        checkpoints = self._checkpoints(request.job, request, [])
+        checkpoints = self._checkpoints(request)
         return admin_pb2.ListCheckpointsResponse(
             checkpoints=[serde.checkpoint_info_to_proto(c) for c in checkpoints]
         )
@@ -173,12 +175,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self.state.require_admin(context)
         if len(request.checkpoints) > MAX_LISTED:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_LISTED} digests")
-        checkpoints = self._checkpoints(request.job, request, list(request.checkpoints))
+        checkpoints = self._checkpoints(request, request.checkpoints)
         for index, ckpt in enumerate(checkpoints, 1):
             if not context.is_active():
                 return
-            path = self.state.blobs.path(ckpt.sha256)
-            problems = checkpoint_problems(ckpt, path if path.is_file() else None)
+            problems = checkpoint_problems(ckpt, self.state.blobs.path(ckpt.sha256))
             if problems:
                 self.state.catalogue.add_event(
                     "checkpoint_unverified",
@@ -196,15 +197,14 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 total=len(checkpoints),
             )
 
-    def _checkpoints(self, job: str, request: object, refs: list[str]) -> list[CheckpointRecord]:
-        """The checkpoints named by digest (prefixes) in `refs`, else those of job and unit."""
+    def _checkpoints(self, request: Any, refs: Sequence[str] = ()) -> list[CheckpointRecord]:
+        """The checkpoints named by digest (prefixes) in `refs`, else those of the request's
+        job and unit (an unknown job is refused, not an empty list)."""
         catalogue = self.state.catalogue
         if refs:
             return [catalogue.resolve_checkpoint(ref[:MAX_TEXT]) for ref in refs]
-        unit = request.unit if request.HasField("unit") else None  # type: ignore[attr-defined]
-        if job:
-            catalogue.get_job(job[:MAX_TEXT])  # an unknown job is an error, not an empty list
-        return catalogue.list_checkpoints(job[:MAX_TEXT] or None, unit)
+        unit = request.unit if request.HasField("unit") else None
+        return catalogue.list_checkpoints(request.job[:MAX_TEXT] or None, unit)
 
     @handles_errors
     def GetEnsemble(self, request, context):

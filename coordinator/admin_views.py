@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from coordinator.dashboard import STATUS_STYLE, Column, fit_columns, fmt_age, states_label, table
-from coordinator.status_view import unit_steps
+from coordinator.status_view import OFF_WIRE, unit_steps
 from tspace_core.catalogue.records import (
     CheckpointRecord,
     EnsembleRecord,
@@ -28,8 +28,8 @@ DIGEST_SHOWN = 12
 ERROR_SHOWN = 60
 # Record fields the admin API does not carry: serde fills them with neutral values, so JSON
 # output leaves them out rather than print a made-up empty value.
-JOB_OFF_WIRE = ("spec_json", "shards")
-UNIT_OFF_WIRE = ("lease_id",)
+JOB_OFF_WIRE = OFF_WIRE[JobRecord]
+UNIT_OFF_WIRE = OFF_WIRE[UnitRecord]
 WORKER_OFF_WIRE = ("public_key", "hostname", "registered_at")
 TOKEN_OFF_WIRE = ("used_at",)
 CHECKPOINT_OFF_WIRE = ("shards_seen",)

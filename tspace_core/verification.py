@@ -13,9 +13,9 @@ from tspace_core.fsio import sha256_file
 from tspace_core.signing import Statement, verify
 
 
-def checkpoint_problems(record: CheckpointRecord, path: Path | None) -> list[str]:
-    """Every reason not to trust `record` with its file at `path` (None: not in the store);
-    an empty list means digest, size, signature, statement and signer all check out."""
+def checkpoint_problems(record: CheckpointRecord, path: Path) -> list[str]:
+    """Every reason not to trust `record` with its file at `path`; an empty list means the
+    file is there and digest, size, signature, statement and signer all check out."""
     problems = []
     if not record.trusted:
         problems.append(f"signed by a revoked worker ({record.worker_id}); retrain the unit")
@@ -29,7 +29,7 @@ def checkpoint_problems(record: CheckpointRecord, path: Path | None) -> list[str
         recorded = (record.sha256, record.size, record.job, record.unit, record.step)
         if signed != recorded or statement.key_id != record.key_id:
             problems.append("the signed statement is for another checkpoint")
-    if path is None or not path.is_file():
+    if not path.is_file():
         problems.append(f"checkpoint {record.sha256[:12]} is missing from the store")
         return problems
     size = path.stat().st_size

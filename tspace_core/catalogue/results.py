@@ -103,7 +103,7 @@ def newest_checkpoint(session: Session, job: str, unit: int) -> CheckpointRecord
 
 
 def list_checkpoints(
-    session: Session, job: str | None = None, unit: int | None = None
+    session: Session, job: str | None = None, unit: int | None = None, worker_id: str | None = None
 ) -> list[CheckpointRecord]:
     query = checkpoint_query().order_by(
         Job.created_at, Job.id, Unit.unit, Checkpoint.step, Checkpoint.created_at
@@ -112,6 +112,8 @@ def list_checkpoints(
         query = query.where(Job.id == job_row(session, job).id)
     if unit is not None:
         query = query.where(Unit.unit == unit)
+    if worker_id is not None:
+        query = query.where(Checkpoint.worker_id == worker_id)
     return [checkpoint_record(*row) for row in session.execute(query)]
 
 

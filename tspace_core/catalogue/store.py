@@ -180,12 +180,14 @@ class Catalogue:
 
     def retry_unit(self, job: str, unit: int, now: float) -> UnitRecord:
         """Give a failed unit fresh attempts (a failed job becomes active again)."""
-        return self._run(lambda s: operator.retry_unit(s, job, unit, now))
+        return self._run(lambda s: _with_progress(s, operator.retry_unit(s, job, unit, now)))
 
     def reset_unit(self, job: str, unit: int, checkpoint: str, now: float) -> UnitRecord:
         """Train a unit again from one of its checkpoints (digest or prefix); later ones are
         discarded and a lease running on the unit is cancelled."""
-        return self._run(lambda s: operator.reset_unit(s, job, unit, checkpoint, now))
+        return self._run(
+            lambda s: _with_progress(s, operator.reset_unit(s, job, unit, checkpoint, now))
+        )
 
     # Leases.
 
@@ -253,9 +255,10 @@ class Catalogue:
         return self._run(lambda s: results.newest_checkpoint(s, job, unit), write=False)
 
     def list_checkpoints(
-        self, job: str | None = None, unit: int | None = None
+        self, job: str | None = None, unit: int | None = None, worker_id: str | None = None
     ) -> list[CheckpointRecord]:
-        return self._run(lambda s: results.list_checkpoints(s, job, unit), write=False)
+        """Checkpoints in job, unit and step order, optionally of one job, unit or signer."""
+        return self._run(lambda s: results.list_checkpoints(s, job, unit, worker_id), write=False)
 
     def complete_unit(self, lease_id: str, worker_id: str, sha256: str, now: float) -> str | None:
         """Mark the lease's unit done with its final checkpoint `sha256`. When it was the job's
@@ -317,3 +320,8 @@ class Catalogue:
     def events(self, limit: int = 50) -> list[EventRecord]:
         """The newest `limit` events, newest first."""
         return self._run(lambda s: enrolment.events(s, limit), write=False)
+
+
+def _with_progress(session: Session, unit: UnitRecord) -> UnitRecord:
+    """`unit` as `units()` reads it: with its lease's progress and newest checkpoint."""
+    return next(u for u in scheduling.units(session, unit.job) if u.unit == unit.unit)

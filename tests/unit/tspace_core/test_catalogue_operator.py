@@ -320,6 +320,7 @@ def test_reset_reopens_a_done_job_and_its_next_completion_is_final_2(cat: Catalo
 
     unit = cat.reset_unit("digits", 0, early.sha256[:8], T0 + 10)
     assert unit.status == UNIT_PENDING
+    assert (unit.newest_step, unit.newest_checkpoint_at) == (early.step, early.created_at)
     assert cat.get_job("digits").status == JOB_ACTIVE
     assert cat.get_checkpoint(old_final.sha256).discarded
     assert cat.events(limit=2)[1].kind == "job_reopened"
@@ -624,3 +625,17 @@ def test_retraining_bit_for_bit_to_a_discarded_final_makes_it_current_again(
     assert not cat.get_checkpoint(final.sha256).discarded
     assert cat.newest_checkpoint("digits", 0) == cat.get_checkpoint(final.sha256)
     assert unit_of(cat, 0).newest_step == 500
+
+
+def test_checkpoints_can_be_listed_by_signer(cat: Catalogue) -> None:
+    add_job(cat, units=[[9], [5]])
+    a, b = enrol(cat, "ka"), enrol(cat, "kb")
+    mine = [checkpoint(a, 0, 100), checkpoint(a, 1, 200)]
+    theirs = checkpoint(b, 0, 300)
+    for rec in [*mine, theirs]:
+        cat.add_checkpoint(rec)
+    assert [c.sha256 for c in cat.list_checkpoints(worker_id=a.worker_id)] == [
+        c.sha256 for c in mine
+    ]
+    assert [c.sha256 for c in cat.list_checkpoints("digits", 0, b.worker_id)] == [theirs.sha256]
+    assert cat.list_checkpoints(worker_id="w-nobody") == []
