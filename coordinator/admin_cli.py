@@ -370,15 +370,14 @@ def workers_revoke(
     worker_id: Annotated[str, typer.Argument(help="The worker's id.")],
     folder: DirOption = Path("."),
 ) -> None:
-    """Refuse a worker's credential from now on; what it signed is no longer trusted."""
-    with AdminClient(folder) as client:
-        before = client.call("GetWorker", admin_pb2.GetWorkerRequest(worker_id=worker_id))
-        client.call("RevokeWorker", admin_pb2.RevokeWorkerRequest(worker_id=worker_id))
-    say(
-        f"worker {worker_id} revoked: its credential is refused, "
-        f"{plural(before.checkpoints, 'checkpoint')} it signed no longer trusted, "
-        f"{plural(len(before.leased), 'unit')} it was training back to pending"
-    )
+    """Refuse a worker's credential from now on; what it signed is no longer trusted, and the
+    units it was training or completed with a checkpoint it signed are trained again."""
+    from coordinator import admin_views as views
+
+    request = admin_pb2.RevokeWorkerRequest(worker_id=worker_id)
+    response = admin_call(folder, "RevokeWorker", request)
+    requeued = [(u.job, u.unit) for u in response.requeued]
+    say(views.revocation_line(response.worker.worker_id, response.checkpoints, requeued))
 
 
 # --- join tokens ---
@@ -400,6 +399,7 @@ def tokens_create(
 
     ttl = parse_duration(expires, "--expires") if expires is not None else 0.0
     response = admin_call(folder, "Enroll", admin_pb2.EnrollRequest(site=site, ttl_s=ttl))
+    pins = join_pins(folder)
     if as_json:
         print_json(
             {
@@ -407,17 +407,42 @@ def tokens_create(
                 "token_id": response.token_id,
                 "site": site,
                 "expires_in_s": response.expires_in_s,
+                **pins,
             }
         )
         return
     sys.stdout.write(response.token + "\n")
     expires_at = views.time_label(time.time() + response.expires_in_s)
+    port = str(pins["address"]).rsplit(":", 1)[1]
+    command = f"tspace-worker join --coordinator HOST:{port} --token TOKEN"
+    if pins["ca_fingerprint"]:
+        command += f" --ca-fingerprint {pins['ca_fingerprint']}"
+    if enrol := pins["enrol_address"]:
+        command += f" --enrol HOST:{enrol.rsplit(':', 1)[1]}"
     note = (
         f"join token {response.token_id} for site {site}; expires in "
         f"{fmt_duration(response.expires_in_s)} ({expires_at}); a worker joins with "
-        "`tspace-worker join --coordinator HOST:PORT --token TOKEN`"
+        f"`{command}` (HOST: this machine's name or address as the site sees it)"
     )
     stderr().print(Text(note), soft_wrap=True)
+
+
+def join_pins(folder: Path) -> dict[str, str | None]:
+    """What a site needs besides its token: where the coordinator listens, the fingerprint of
+    its CA when it serves TLS, and the registration address under mutual TLS."""
+    from coordinator.config import CA_CERT, TLS_DIR, read_endpoint
+    from tspace_core import tls
+
+    endpoint = read_endpoint(folder)
+    assert endpoint is not None  # admin_call found it already
+    fingerprint = None
+    if endpoint.tls:
+        fingerprint = tls.fingerprint((folder / TLS_DIR / CA_CERT).read_bytes())
+    return {
+        "address": endpoint.address,
+        "ca_fingerprint": fingerprint,
+        "enrol_address": endpoint.enrol_address,
+    }
 
 
 @tokens_app.command("list")

@@ -4,35 +4,55 @@ whose refusals come back as one clear TspaceError."""
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from coordinator.config import ADMIN_CREDENTIAL_FILE, read_admin_credential
+from coordinator.config import (
+    ADDRESS_FILE,  # noqa: F401 - where scripts and tests find the bound address
+    ADMIN_CREDENTIAL_FILE,
+    ENDPOINT_FILE,
+    admin_security,
+    read_admin_credential,
+    read_endpoint,
+)
 from tspace_core.errors import TspaceError
 from tspace_core.proto.tspace.v1 import admin_pb2_grpc
-from tspace_core.rpc import ADMIN_HEADER, insecure_channel
+from tspace_core.rpc import ADMIN_HEADER, ChannelSecurity, open_channel
 
-ADDRESS_FILE = "address"  # `serve` writes the address it bound here
 CALL_TIMEOUT_S = 60.0
 # A stream re-reads every checkpoint it names; large stores take a while, but never forever.
 STREAM_TIMEOUT_S = 24 * 3600.0
 
 
-def admin_target(folder: Path) -> tuple[str, str]:
-    """(address, admin credential) of the running coordinator in `folder`."""
-    try:
-        address = (folder / ADDRESS_FILE).read_text().strip()
-    except OSError:
-        address = ""
-    if not address:
+@dataclass(frozen=True)
+class AdminTarget:
+    """Where the folder's coordinator listens, the admin credential, and the TLS settings."""
+
+    address: str
+    credential: str
+    security: ChannelSecurity | None
+
+    def channel(self) -> grpc.Channel:
+        return open_channel(self.address, self.security)
+
+
+def admin_target(folder: Path) -> AdminTarget:
+    """How to reach the running coordinator of `folder` as its admin."""
+    endpoint = read_endpoint(folder)
+    if endpoint is None:
         raise TspaceError(
-            f"no running coordinator found in {folder} (no {ADDRESS_FILE} file); "
+            f"no running coordinator found in {folder} (no {ENDPOINT_FILE} file); "
             "start one with `tspace-coord serve DIR` and pass its folder as --dir DIR"
         )
-    return address, read_admin_credential(folder / ADMIN_CREDENTIAL_FILE)
+    host, port = endpoint.address.rsplit(":", 1)
+    # A wildcard bind address is reached through loopback, where the admin is.
+    address = f"127.0.0.1:{port}" if host in ("0.0.0.0", "[::]", "") else endpoint.address
+    credential = read_admin_credential(folder / ADMIN_CREDENTIAL_FILE)
+    return AdminTarget(address, credential, admin_security(folder, endpoint))
 
 
 def call_error(exc: grpc.RpcError, address: str, folder: Path) -> TspaceError:
@@ -60,13 +80,14 @@ class AdminClient:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.address, credential = admin_target(folder)
-        self._metadata = ((ADMIN_HEADER, credential),)
+        self.target = admin_target(folder)
+        self.address = self.target.address
+        self._metadata = ((ADMIN_HEADER, self.target.credential),)
         self._channel: grpc.Channel | None = None
         self._stub: Any = None
 
     def __enter__(self) -> AdminClient:
-        self._channel = insecure_channel(self.address)
+        self._channel = self.target.channel()
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
         return self
 

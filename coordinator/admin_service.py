@@ -158,8 +158,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     def RevokeWorker(self, request, context):
         self.state.require_admin(context)
         now = self.state.clock()
-        worker = self.state.catalogue.revoke_worker(request.worker_id[:MAX_TEXT], now)
-        return serde.worker_to_proto(worker, now)
+        revocation = self.state.catalogue.revoke_worker(request.worker_id[:MAX_TEXT], now)
+        return admin_pb2.RevokeWorkerResponse(
+            worker=serde.worker_to_proto(revocation.worker, now),
+            requeued=[admin_pb2.RequeuedUnit(job=j, unit=u) for j, u in revocation.requeued],
+            checkpoints=revocation.checkpoints,
+        )
 
     @handles_errors
     def ListCheckpoints(self, request, context):

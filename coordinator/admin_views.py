@@ -416,6 +416,23 @@ def ensemble_view(record: EnsembleRecord, now: float, width: int) -> RenderableT
     return Group(block, Text(""), members_table(record, width))
 
 
+def revocation_line(worker_id: str, checkpoints: int, requeued: Sequence[tuple[str, int]]) -> str:
+    """What `workers revoke` says: the checkpoints that are no longer trusted and exactly the
+    units the coordinator put back to pending (as it reported them)."""
+    signed = f"{checkpoints} checkpoint{'' if checkpoints == 1 else 's'}"
+    if requeued:
+        units = f"{len(requeued)} unit{'' if len(requeued) == 1 else 's'}"
+        again = f"{units} back to pending to train again: " + ", ".join(
+            f"{job}/{unit}" for job, unit in requeued
+        )
+    else:
+        again = "no unit needs training again"
+    return (
+        f"worker {worker_id} revoked: its credential is refused, {signed} it signed no longer "
+        f"trusted; {again}"
+    )
+
+
 def verdict_line(verdict: Verdict) -> Text:
     """ "ok" or every problem, after the checkpoint's digest, unit and step."""
     c = verdict.checkpoint

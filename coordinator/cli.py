@@ -12,8 +12,9 @@ import typer
 from rich.console import Console
 
 from coordinator.admin_cli import add_admin_commands
-from coordinator.admin_client import ADDRESS_FILE, admin_target
-from coordinator.config import ADMIN_CREDENTIAL_FILE, init_dir, load_config
+from coordinator.admin_client import admin_target
+from coordinator.config import ADMIN_CREDENTIAL_FILE, CA_CERT, TLS_DIR, init_dir, load_config
+from tspace_core import tls
 from tspace_core.console import run_cli
 from tspace_core.errors import TspaceError
 
@@ -35,12 +36,24 @@ def init(
         str | None, typer.Option(help="SQLAlchemy URL (default: SQLite file in the folder).")
     ] = None,
     listen: Annotated[str | None, typer.Option(help="Default listen address.")] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A name or IP address workers use to reach this coordinator; goes into the "
+            "server certificate (repeatable; localhost, 127.0.0.1 and ::1 are always in it)."
+        ),
+    ] = None,
 ) -> None:
-    """Create a coordinator folder: config, admin credential, catalogue, blob store."""
-    init_dir(folder, catalogue, listen)
+    """Create a coordinator folder: config, admin credential, catalogue, blob store, and a CA
+    with the server certificate TLS needs."""
+    init_dir(folder, catalogue, listen, host or ())
+    fingerprint = tls.fingerprint((folder / TLS_DIR / CA_CERT).read_bytes())
     console.print(
         f"coordinator folder {folder} ready; admin credential in "
-        f"{folder / ADMIN_CREDENTIAL_FILE} (mode 0600)\nnext: tspace-coord serve {folder}"
+        f"{folder / ADMIN_CREDENTIAL_FILE} (mode 0600)\n"
+        f"CA certificate {folder / TLS_DIR / CA_CERT}, fingerprint {fingerprint}\n"
+        f"next: tspace-coord serve {folder}",
+        highlight=False,
     )
 
 
@@ -48,9 +61,31 @@ def init(
 def serve(
     folder: Annotated[Path, typer.Argument(help="The coordinator folder.")],
     listen: Annotated[str | None, typer.Option(help="host:port (default from config).")] = None,
+    use_tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls/--no-tls",
+            help="Serve TLS with the folder's certificates; --no-tls serves plaintext, on a "
+            "loopback address only unless --insecure.",
+        ),
+    ] = True,
     insecure: Annotated[
-        bool, typer.Option(help="Allow plaintext on a non-loopback address.")
+        bool,
+        typer.Option(help="Serve plaintext, even on a non-loopback address (implies --no-tls)."),
     ] = False,
+    require_client_cert: Annotated[
+        bool,
+        typer.Option(
+            help="Mutual TLS: every call needs a client certificate from this coordinator's CA "
+            "(workers get one when they register, on --enrol-listen)."
+        ),
+    ] = False,
+    enrol_listen: Annotated[
+        str | None,
+        typer.Option(
+            help="host:port where workers register under mutual TLS (default: the next port)."
+        ),
+    ] = None,
     metrics: Annotated[
         str | None, typer.Option(help="Serve Prometheus metrics on host:port, e.g. 127.0.0.1:9100.")
     ] = None,
@@ -60,9 +95,21 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     coordinator = start(
-        folder, load_config(folder), listen, insecure, folder / ADDRESS_FILE, metrics
+        folder,
+        load_config(folder),
+        listen,
+        tls=use_tls and not insecure,
+        insecure=insecure,
+        client_certs=require_client_cert,
+        enrol_listen=enrol_listen,
+        metrics_listen=metrics,
     )
-    console.print(f"coordinator serving on {coordinator.address}", highlight=False)
+    mode = "plaintext"
+    if coordinator.tls is not None:
+        mode = "mutual TLS" if coordinator.tls.client_certs else "TLS"
+    console.print(f"coordinator serving on {coordinator.address} ({mode})", highlight=False)
+    if coordinator.enrol_address:
+        console.print(f"workers register on {coordinator.enrol_address}", highlight=False)
     if coordinator.metrics_address:
         console.print(f"metrics on http://{coordinator.metrics_address}/metrics", highlight=False)
     stopped = threading.Event()
@@ -85,8 +132,15 @@ def status(
 
     if not 0.1 <= interval <= 3600:
         raise TspaceError("--interval must be between 0.1 and 3600 seconds")
-    address, credential = admin_target(folder)
-    run_status(address, credential, once=once, as_json=as_json, interval=interval)
+    target = admin_target(folder)
+    run_status(
+        target.address,
+        target.credential,
+        once=once,
+        as_json=as_json,
+        interval=interval,
+        security=target.security,
+    )
 
 
 add_admin_commands(app)  # after init, serve and status, so help lists them first

@@ -38,7 +38,7 @@ from tspace_core.catalogue.records import (
 )
 from tspace_core.errors import TspaceError
 from tspace_core.proto.tspace.v1 import admin_pb2, admin_pb2_grpc
-from tspace_core.rpc import ADMIN_HEADER, insecure_channel
+from tspace_core.rpc import ADMIN_HEADER, ChannelSecurity, open_channel
 
 # A live view may stay open all day, but every call still gets a deadline.
 LIVE_DEADLINE_S = 24 * 3600.0
@@ -427,6 +427,7 @@ def run_status(
     as_json: bool,
     interval: float = 1.0,
     console: Console | None = None,
+    security: ChannelSecurity | None = None,
 ) -> None:
     """Show the coordinator's status: live until ^C, or one snapshot with `once` or `as_json`.
 
@@ -438,7 +439,7 @@ def run_status(
     console = console or Console()
     single = once or as_json
     with (
-        insecure_channel(address) as channel,
+        open_channel(address, security) as channel,
         closing(status_stream(channel, address, credential, 0.0 if single else interval)) as views,
     ):
         try:

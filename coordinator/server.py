@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 from concurrent import futures
@@ -12,7 +11,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.admin_service import AdminService
-from coordinator.config import CoordinatorConfig
+from coordinator.auth import AuthInterceptor
+from coordinator.config import (
+    ADDRESS_FILE,
+    TLS_DIR,
+    CoordinatorConfig,
+    Endpoint,
+    ServerTls,
+    server_tls,
+    write_endpoint,
+)
 from coordinator.metrics import (
     CoordinatorMetrics,
     LatencyInterceptor,
@@ -23,28 +31,24 @@ from coordinator.state import CoordinatorState
 from coordinator.worker_service import WorkerService
 from tspace_core.errors import TspaceError
 from tspace_core.fsio import atomic_write_bytes
-from tspace_core.proto.tspace.v1 import admin_pb2_grpc, worker_pb2_grpc
-from tspace_core.rpc import server_options
+from tspace_core.proto.tspace.v1 import admin_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tspace_core.rpc import is_loopback, server_options
 
 log = logging.getLogger("tspace.coordinator")
-
-
-def is_loopback(listen: str) -> bool:
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_plaintext(listen: str, insecure: bool, what: str) -> None:
     if not is_loopback(listen) and not insecure:
         raise TspaceError(
-            f"refusing to serve {what} on {listen} without TLS; TLS is not configured, so pass "
-            "--insecure to accept plaintext on a non-loopback address"
+            f"refusing to serve {what} on {listen} without TLS: anyone on the path could read "
+            "and alter it; serve with TLS, or pass --insecure to accept plaintext anyway"
         )
+
+
+def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    if credentials is None:
+        return server.add_insecure_port(listen)
+    return server.add_secure_port(listen, credentials)
 
 
 class Coordinator:
@@ -57,12 +61,21 @@ class Coordinator:
         listen: str,
         insecure: bool = False,
         metrics_listen: str | None = None,
+        tls: ServerTls | None = None,
+        enrol_listen: str | None = None,
     ) -> None:
-        _check_plaintext(listen, insecure, "gRPC")
+        if tls is None:
+            _check_plaintext(listen, insecure, "gRPC")
+        if (enrol_listen is not None) != (tls is not None and tls.client_certs):
+            raise TspaceError(
+                "a registration port is for mutual TLS only, and mutual TLS needs one"
+            )
         if metrics_listen is not None:
             split_listen(metrics_listen)  # a malformed address is refused as such first
             _check_plaintext(metrics_listen, insecure, "metrics")
         self.state = state
+        state.tls_ca = None if tls is None else tls.ca
+        state.client_certs = tls is not None and tls.client_certs
         self.metrics = CoordinatorMetrics(state.catalogue)
         # Bound before the gRPC port, since this socket is the easy one to give back on failure.
         self._metrics_server = (
@@ -74,25 +87,38 @@ class Coordinator:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32),
             options=server_options(),
-            interceptors=[LatencyInterceptor(self.metrics.rpc_duration)],
+            interceptors=[
+                LatencyInterceptor(self.metrics.rpc_duration),
+                AuthInterceptor(state, client_certs=state.client_certs),
+            ],
         )
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerService(state, self.metrics), self.server
-        )
+        workers = WorkerService(state, self.metrics)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(workers, self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(state), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(listen)
-        if self.port == 0:
+        self.tls = tls
+        self.enrol_server: grpc.Server | None = None
+        self.enrol_address: str | None = None
+        try:
+            credentials = None if tls is None else tls.credentials(tls.client_certs)
+            self.port = _bind(self.server, listen, credentials)
+            if self.port == 0:
+                raise TspaceError(f"cannot listen on {listen}: the address is in use or invalid")
+            self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
+            if tls is not None and enrol_listen is not None:
+                self.enrol_server, self.enrol_address = _enrol_server(workers, tls, enrol_listen)
+        except BaseException:
             if self._metrics_server is not None:
                 self._metrics_server.stop()
-            raise TspaceError(f"cannot listen on {listen}: the address is in use or invalid")
-        self.address = f"{listen.rsplit(':', 1)[0]}:{self.port}"
+            raise
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
 
     def start(self) -> Coordinator:
         self.server.start()
+        if self.enrol_server is not None:
+            self.enrol_server.start()
         if self._metrics_server is not None:
             self._metrics_server.start()
         self._reaper.start()
@@ -112,6 +138,8 @@ class Coordinator:
     def stop(self, grace: float = 2.0) -> None:
         self._stop.set()
         self.health.enter_graceful_shutdown()
+        if self.enrol_server is not None:
+            self.enrol_server.stop(grace).wait()
         self.server.stop(grace).wait()
         if self._metrics_server is not None:
             self._metrics_server.stop()  # before the catalogue it reads closes
@@ -121,20 +149,74 @@ class Coordinator:
         self.server.wait_for_termination()
 
 
+def _enrol_server(workers: WorkerService, tls: ServerTls, listen: str) -> tuple[grpc.Server, str]:
+    """A TLS server (no client certificates) that only registers workers: under mutual TLS a
+    worker has no certificate until it registers, and gets it here."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=server_options())
+    register = grpc.unary_unary_rpc_method_handler(
+        workers.Register,
+        request_deserializer=worker_pb2.RegisterRequest.FromString,
+        response_serializer=worker_pb2.RegisterResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("tspace.v1.WorkerService", {"Register": register}),)
+    )
+    port = _bind(server, listen, tls.credentials(client_certs=False))
+    if port == 0:
+        raise TspaceError(f"cannot listen on {listen}: the address is in use or invalid")
+    return server, f"{listen.rsplit(':', 1)[0]}:{port}"
+
+
+def default_enrol_listen(listen: str) -> str:
+    """The registration port next to the main one (an ephemeral port stays ephemeral)."""
+    host, port = listen.rsplit(":", 1)
+    return f"{host}:{int(port) + 1 if port.isdigit() and int(port) > 0 else 0}"
+
+
 def serve(
     folder: Path,
     config: CoordinatorConfig,
     listen: str | None,
-    insecure: bool,
-    port_file: Path | None,
+    *,
+    tls: bool = True,
+    insecure: bool = False,
+    client_certs: bool = False,
+    enrol_listen: str | None = None,
     metrics_listen: str | None = None,
 ) -> Coordinator:
-    """Open the folder's state and start serving (metrics too, on `metrics_listen`); writes
-    the bound gRPC address to `port_file`."""
+    """Open the folder's state and start serving: TLS with the folder's certificates unless
+    `tls` is off, mutual TLS with `client_certs` (registration then on `enrol_listen`), metrics
+    on `metrics_listen`. Records how to reach it in the folder (endpoint.json and address)."""
+    listen = listen or config.listen
+    identity = None
+    if tls:
+        identity = server_tls(folder, client_certs)
+        if identity is None:
+            raise TspaceError(
+                f"{folder} has no TLS certificates ({folder / TLS_DIR}); create the folder "
+                "again with `tspace-coord init`, or serve plaintext on loopback with --no-tls"
+            )
+    elif client_certs:
+        raise TspaceError("--require-client-cert needs TLS; drop --no-tls and --insecure")
+    if client_certs and enrol_listen is None:
+        enrol_listen = default_enrol_listen(listen)
+    if enrol_listen is not None and not client_certs:
+        raise TspaceError("--enrol-listen is for mutual TLS; add --require-client-cert")
     coordinator = Coordinator(
-        CoordinatorState.open(folder, config), listen or config.listen, insecure, metrics_listen
+        CoordinatorState.open(folder, config),
+        listen,
+        insecure,
+        metrics_listen,
+        tls=identity,
+        enrol_listen=enrol_listen,
     )
     coordinator.start()
-    if port_file is not None:
-        atomic_write_bytes(port_file, f"{coordinator.address}\n".encode())
+    endpoint = Endpoint(
+        address=coordinator.address,
+        tls=identity is not None,
+        client_certs=client_certs,
+        enrol_address=coordinator.enrol_address,
+    )
+    write_endpoint(folder, endpoint)
+    atomic_write_bytes(folder / ADDRESS_FILE, f"{coordinator.address}\n".encode())
     return coordinator

@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import hmac
 import inspect
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
@@ -24,8 +25,10 @@ from tspace_core.catalogue import Catalogue, CatalogueError
 from tspace_core.catalogue.records import LEASE_ACTIVE, WORKER_REVOKED, LeaseRecord, WorkerRecord
 from tspace_core.errors import BlobError, SignatureError, TspaceError
 from tspace_core.rpc import ADMIN_HEADER, CREDENTIAL_HEADER
+from tspace_core.tls import Issued
 
 MAX_TEXT = 256
+LEASE_ID = re.compile(r"l-[0-9a-f]{16}")  # as the catalogue makes them
 
 CATALOGUE_CODES = {
     "not_found": grpc.StatusCode.NOT_FOUND,
@@ -47,6 +50,9 @@ class CoordinatorState:
     blobs: BlobStore
     admin_credential_hash: str
     clock: Callable[[], float] = field(default=time.time)
+    # The CA that signs workers' client certificates at registration; None without TLS.
+    tls_ca: Issued | None = None
+    client_certs: bool = False  # mutual TLS: registration must bring a CSR
 
     @classmethod
     def open(cls, folder: Path, config: CoordinatorConfig) -> CoordinatorState:
@@ -60,8 +66,16 @@ class CoordinatorState:
         )
 
     def worker(self, context: grpc.ServicerContext) -> WorkerRecord:
-        """The worker a call comes from, by its credential; aborts the call otherwise."""
-        credential = _metadata(context).get(CREDENTIAL_HEADER)
+        """The worker a call comes from: the one the auth interceptor found, else looked up by
+        its credential (the call is aborted when there is none)."""
+        caller = getattr(context, "caller", None)
+        if caller is not None and caller.worker is not None:
+            return cast(WorkerRecord, caller.worker)
+        return self.authenticate_worker(context)
+
+    def authenticate_worker(self, context: grpc.ServicerContext) -> WorkerRecord:
+        """The active worker whose credential the call carries; aborts the call otherwise."""
+        credential = metadata(context).get(CREDENTIAL_HEADER)
         if not credential:
             abort(context, grpc.StatusCode.UNAUTHENTICATED, "no worker credential; register first")
         record = self.catalogue.worker_by_credential(hash_secret(credential))
@@ -79,7 +93,10 @@ class CoordinatorState:
         return record
 
     def is_admin(self, context: grpc.ServicerContext) -> bool:
-        given = _metadata(context).get(ADMIN_HEADER, "")
+        caller = getattr(context, "caller", None)
+        if caller is not None:
+            return caller.worker is None
+        given = metadata(context).get(ADMIN_HEADER, "")
         return bool(given) and hmac.compare_digest(hash_secret(given), self.admin_credential_hash)
 
     def require_admin(self, context: grpc.ServicerContext) -> None:
@@ -87,7 +104,8 @@ class CoordinatorState:
             abort(context, grpc.StatusCode.UNAUTHENTICATED, "admin credential missing or wrong")
 
 
-def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
+def metadata(context: grpc.ServicerContext) -> dict[str, str]:
+    """The call's text metadata (binary values are ignored)."""
     return {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
 
 
@@ -138,7 +156,9 @@ def owned_lease(
     state: CoordinatorState, context: grpc.ServicerContext, lease_id: str, worker: WorkerRecord
 ) -> LeaseRecord:
     """The caller's active lease `lease_id`, or the call is aborted."""
-    lease = found(lambda: state.catalogue.get_lease(lease_id[:MAX_TEXT]))
+    if not LEASE_ID.fullmatch(lease_id):
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, "lease_id is not a lease id")
+    lease = found(lambda: state.catalogue.get_lease(lease_id))
     if lease is None or lease.worker_id != worker.worker_id:
         abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {lease_id[:64]!r} held by this worker")
     if lease.status != LEASE_ACTIVE:

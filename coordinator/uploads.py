@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from coordinator import limits
 from coordinator.metrics import RejectReason
 from coordinator.state import (
     MAX_TEXT,
@@ -26,7 +27,7 @@ from tspace_core.checkpoint import read_meta
 from tspace_core.errors import CheckpointError
 from tspace_core.proto.tspace.v1 import worker_pb2
 from tspace_core.rpc import CHUNK_BYTES
-from tspace_core.signing import Statement, verify
+from tspace_core.signing import MAX_STATEMENT_BYTES, SIGNATURE_BYTES, Statement, verify
 
 MAX_CHUNK = CHUNK_BYTES + 64 * 1024
 MAX_METRICS = 64
@@ -101,12 +102,16 @@ def _header(
     if first is None or first.WhichOneof("part") != "header":
         abort(context, grpc.StatusCode.INVALID_ARGUMENT, "an upload must start with its header")
     header = first.header
+    limits.sha256_field(context, header.sha256)
     limit = state.config.max_checkpoint_bytes
     if not 0 < header.size <= limit:
         message = f"size {header.size} not in 1..{limit}"
         check.reject(context, "size", grpc.StatusCode.INVALID_ARGUMENT, message)
     if not 0 <= header.offset <= header.size:
         abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"offset {header.offset} out of range")
+    if len(header.statement) > MAX_STATEMENT_BYTES or len(header.signature) != SIGNATURE_BYTES:
+        message = f"a statement of at most {MAX_STATEMENT_BYTES} bytes and a 64-byte signature"
+        check.reject(context, "statement", grpc.StatusCode.INVALID_ARGUMENT, message)
     return header
 
 
@@ -124,6 +129,15 @@ def receive_checkpoint(
     with check.at("lease"):
         lease = owned_lease(state, context, header.lease_id, worker)
     job = state.catalogue.get_job(lease.job)
+    model_limit = limits.checkpoint_limit(job.spec_json)
+    if header.size > model_limit:
+        check.reject(
+            context,
+            "size",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"size {header.size} is more than a checkpoint of job {job.name}'s model can be "
+            f"({model_limit} bytes)",
+        )
     statement = _check_statement(context, header, lease, worker, job.job_hash, check)
     if statement.step > job.total_steps or statement.final != (statement.step == job.total_steps):
         check.reject(
@@ -134,10 +148,26 @@ def receive_checkpoint(
             f"{job.total_steps} steps: only the checkpoint at the last step is final",
         )
     existing = found(lambda: state.catalogue.get_checkpoint(header.sha256))
-    if existing is not None:
+    if existing is not None and (existing.job, existing.unit, existing.step, existing.size) != (
+        statement.job,
+        statement.unit,
+        statement.step,
+        statement.size,
+    ):
+        # Equal digests mean equal bytes, and the bytes name their job, unit and step.
+        check.reject(
+            context,
+            "statement",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"these bytes are checkpoint {header.sha256[:12]} of {existing.job} unit "
+            f"{existing.unit} step {existing.step}, not what the statement says",
+        )
+    if existing is not None and existing.trusted and not existing.discarded:
         return worker_pb2.UploadResponse(
             checkpoint=serde.checkpoint_to_proto(existing), already_registered=True
         )
+    if existing is not None:
+        return _vouch(state, context, lease, worker, statement, header, chunks, check)
     key = upload_key(lease, header.sha256)
     received = _receive_data(state, context, key, header, chunks, check)
     if received < header.size:
@@ -171,6 +201,39 @@ def receive_checkpoint(
     )
     return worker_pb2.UploadResponse(
         checkpoint=serde.checkpoint_to_proto(record), already_registered=not created
+    )
+
+
+def _vouch(
+    state: CoordinatorState,
+    context: grpc.ServicerContext,
+    lease: LeaseRecord,
+    worker: WorkerRecord,
+    statement: Statement,
+    header: worker_pb2.UploadHeader,
+    chunks: Iterator[worker_pb2.UploadChunk],
+    check: UploadCheck,
+) -> worker_pb2.UploadResponse:
+    """The bytes are in the store already, recorded under a signer no longer trusted (revoked)
+    or discarded by a reset: this worker's signed statement vouches for them anew. Training is
+    deterministic, so a retrained unit can reproduce a checkpoint byte for byte."""
+    if next(chunks, None) is not None:
+        message = "the coordinator holds these bytes already; send the header alone"
+        check.reject(context, "format", grpc.StatusCode.INVALID_ARGUMENT, message)
+    with check.at("format"):
+        path = state.blobs.path(header.sha256)
+        candidate = _record(state, context, path, statement, header, worker)
+    record, _ = state.catalogue.add_checkpoint(candidate)
+    state.catalogue.add_event(
+        "checkpoint_registered",
+        f"unit {lease.unit} step {statement.step} vouched for again by {worker.worker_id}",
+        state.clock(),
+        job=lease.job,
+        unit=lease.unit,
+        worker_id=worker.worker_id,
+    )
+    return worker_pb2.UploadResponse(
+        checkpoint=serde.checkpoint_to_proto(record), already_registered=False
     )
 
 

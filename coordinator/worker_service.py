@@ -7,11 +7,12 @@ from collections.abc import Iterator
 
 import grpc
 
+from coordinator import limits
 from coordinator.config import hash_secret, new_secret
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import choose_unit, retry_after
 from coordinator.state import (
-    MAX_TEXT,
+    LEASE_ID,
     CoordinatorState,
     abort,
     found,
@@ -20,7 +21,7 @@ from coordinator.state import (
     upload_key,
 )
 from coordinator.uploads import UploadCheck, receive_checkpoint
-from tspace_core import serde
+from tspace_core import serde, tls
 from tspace_core.catalogue import CatalogueError
 from tspace_core.catalogue.records import (
     JOB_ACTIVE,
@@ -29,10 +30,9 @@ from tspace_core.catalogue.records import (
     UNIT_PENDING,
     LeaseRecord,
 )
-from tspace_core.errors import BlobError
 from tspace_core.proto.tspace.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tspace_core.rpc import CHUNK_BYTES
-from tspace_core.signing import key_id
+from tspace_core.signing import PUBLIC_KEY_BYTES, key_id
 
 LIVE_JOBS = (JOB_ACTIVE, JOB_PAUSED)
 
@@ -44,21 +44,38 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
 
     @handles_errors
     def Register(self, request, context):
-        if len(request.public_key) != 32:
+        token = limits.token_field(context, request.token)
+        if len(request.public_key) != PUBLIC_KEY_BYTES:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, "public_key must be 32 raw bytes")
-        if len(request.token) > MAX_TEXT or len(request.device) > MAX_TEXT:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "token or device too long")
+        device = limits.label_field(context, request.device, "device")
+        hostname = limits.label_field(context, request.hostname, "hostname")
+        ca = self.state.tls_ca
+        if len(request.csr) > tls.MAX_CSR_BYTES:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "csr is too large")
+        if ca is not None and self.state.client_certs and not request.csr:
+            abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "this coordinator requires client certificates: send a certificate signing "
+                "request (csr) with the registration",
+            )
+        if ca is not None and request.csr:
+            # Checked before the token is spent: a bad request must change nothing.
+            tls.check_csr(bytes(request.csr))
         credential = new_secret()
         now = self.state.clock()
         worker = self.state.catalogue.register_worker(
-            hash_secret(request.token),
+            hash_secret(token),
             bytes(request.public_key),
             key_id(bytes(request.public_key)),
             hash_secret(credential),
-            request.device[:MAX_TEXT],
-            request.hostname[:MAX_TEXT],
+            device,
+            hostname,
             now,
         )
+        certificate = b""
+        if ca is not None and request.csr:
+            certificate = tls.sign_client_csr(ca, bytes(request.csr), worker.worker_id)
         self.state.catalogue.add_event(
             "worker_registered",
             f"{worker.worker_id} at site {worker.site}",
@@ -70,6 +87,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             credential=credential,
             site=worker.site,
             key_id=worker.key_id,
+            client_certificate=certificate,
         )
 
     @handles_errors
@@ -128,15 +146,19 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         worker = self.state.worker(context)
         self.metrics.heartbeats.inc()
         ttl = self.state.config.lease_ttl_s
+        if not LEASE_ID.fullmatch(request.lease_id):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "lease_id is not a lease id")
+        step = limits.int_field(context, request.step, "step", 0, limits.MAX_STEP)
+        rate = limits.rate_field(context, request.images_per_s, "images_per_s")
         try:
             self.state.catalogue.heartbeat(
-                request.lease_id[:MAX_TEXT],
+                request.lease_id,
                 worker.worker_id,
                 self.state.clock(),
                 ttl,
-                max(request.step, 0),
-                request.loss,
-                request.images_per_s,
+                step,
+                limits.loss_value(request.loss),
+                rate,
             )
         except CatalogueError as exc:
             if exc.code not in ("failed_precondition", "not_found"):
@@ -147,10 +169,15 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     @handles_errors
     def UploadStatus(self, request, context):
         worker = self.state.worker(context)
+        sha256 = limits.sha256_field(context, request.sha256)
         lease = owned_lease(self.state, context, request.lease_id, worker)
-        if found(lambda: self.state.catalogue.get_checkpoint(request.sha256[:64])):
+        existing = found(lambda: self.state.catalogue.get_checkpoint(sha256))
+        if existing is not None and existing.trusted and not existing.discarded:
             return worker_pb2.UploadStatusResponse(offset=0, complete=True)
-        offset = self.state.blobs.upload_offset(upload_key(lease, request.sha256))
+        if existing is not None:
+            # The bytes are here, vouched for by nobody trusted: a signed header is all it takes.
+            return worker_pb2.UploadStatusResponse(offset=existing.size, complete=False)
+        offset = self.state.blobs.upload_offset(upload_key(lease, sha256))
         return worker_pb2.UploadStatusResponse(offset=offset, complete=False)
 
     @handles_errors
@@ -170,10 +197,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     def CompleteUnit(self, request, context):
         worker = self.state.worker(context)
         now = self.state.clock()
+        sha256 = limits.sha256_field(context, request.sha256)
         lease = owned_lease(self.state, context, request.lease_id, worker)
-        ensemble = self.state.catalogue.complete_unit(
-            lease.lease_id, worker.worker_id, request.sha256[:64], now
-        )
+        ensemble = self.state.catalogue.complete_unit(lease.lease_id, worker.worker_id, sha256, now)
         self.state.catalogue.add_event(
             "unit_done",
             f"unit {lease.unit} of {lease.job} done by {worker.worker_id}",
@@ -188,10 +214,11 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     def FailUnit(self, request, context):
         worker = self.state.worker(context)
         lease = owned_lease(self.state, context, request.lease_id, worker)
+        error = limits.message_field(context, request.error, "error")
         self.state.catalogue.fail_lease(
             lease.lease_id,
             worker.worker_id,
-            request.error[:1000],
+            error[:1000],
             self.state.clock(),
             self.state.config.max_attempts,
         )
@@ -200,27 +227,29 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     @handles_errors
     def FetchCheckpoint(self, request, context):
         self._fetcher(context)
-        if found(lambda: self.state.catalogue.get_checkpoint(request.sha256[:64])) is None:
-            abort(context, grpc.StatusCode.NOT_FOUND, f"no checkpoint {request.sha256[:64]}")
-        yield from self._stream(request.sha256, request.offset)
+        sha256 = limits.sha256_field(context, request.sha256)
+        if found(lambda: self.state.catalogue.get_checkpoint(sha256)) is None:
+            abort(context, grpc.StatusCode.NOT_FOUND, f"no checkpoint {sha256}")
+        yield from self._stream(context, sha256, request.offset)
 
     @handles_errors
     def FetchShard(self, request, context):
         self._fetcher(context)
+        sha256 = limits.sha256_field(context, request.sha256)
         shards = {s.sha256 for j in self.state.catalogue.list_jobs() for s in j.shards}
-        if request.sha256 not in shards:
-            abort(context, grpc.StatusCode.NOT_FOUND, f"no shard {request.sha256[:64]}")
-        yield from self._stream(request.sha256, request.offset)
+        if sha256 not in shards:
+            abort(context, grpc.StatusCode.NOT_FOUND, f"no shard {sha256}")
+        yield from self._stream(context, sha256, request.offset)
 
     def _fetcher(self, context: grpc.ServicerContext) -> None:
         """Workers and the admin (sampling from a coordinator) may fetch."""
         if not self.state.is_admin(context):
             self.state.worker(context)
 
-    def _stream(self, sha256: str, offset: int) -> Iterator[common_pb2.DataChunk]:
-        if offset < 0:
-            raise BlobError(f"offset {offset} is negative; fetch from 0 or a later byte")
-        position = offset
+    def _stream(
+        self, context: grpc.ServicerContext, sha256: str, offset: int
+    ) -> Iterator[common_pb2.DataChunk]:
+        position = limits.int_field(context, offset, "offset", 0, limits.MAX_OFFSET)
         for chunk in self.state.blobs.read_chunks(sha256, position, CHUNK_BYTES):
             yield common_pb2.DataChunk(offset=position, data=chunk)
             position += len(chunk)

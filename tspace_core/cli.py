@@ -53,6 +53,38 @@ CatalogueOption = Annotated[
     str | None, typer.Option(help="Read --ensemble from this catalogue URL.")
 ]
 StoreOption = Annotated[Path | None, typer.Option(help="The coordinator's blob store folder.")]
+CaOption = Annotated[
+    Path | None,
+    typer.Option(help="The coordinator's CA certificate: reach --coordinator over TLS."),
+]
+ClientCertOption = Annotated[
+    Path | None,
+    typer.Option(help="A client certificate (PEM) for a coordinator that requires one."),
+]
+ClientKeyOption = Annotated[Path | None, typer.Option(help="The key of --client-cert (PEM).")]
+
+
+def _security(ca: Path | None, cert: Path | None, key: Path | None):
+    """TLS settings for --coordinator from --ca, --client-cert and --client-key."""
+    from tspace_core.rpc import ChannelSecurity
+
+    def read(path: Path, option: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise TspaceError(f"{option}: cannot read {path} ({exc.strerror})") from None
+
+    if ca is None:
+        if cert is not None or key is not None:
+            raise TspaceError("--client-cert and --client-key need --ca")
+        return None
+    if (cert is None) != (key is None):
+        raise TspaceError("give --client-cert and --client-key together")
+    return ChannelSecurity(
+        read(ca, "--ca"),
+        None if key is None else read(key, "--client-key"),
+        None if cert is None else read(cert, "--client-cert"),
+    )
 
 
 def _progress(*extra: TextColumn) -> Progress:
@@ -180,6 +212,9 @@ def sample(
     ensemble: EnsembleOption = None,
     coordinator: CoordinatorOption = None,
     credential: CredentialOption = None,
+    ca: CaOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
     catalogue: CatalogueOption = None,
     store: StoreOption = None,
     out: Annotated[Path, typer.Option(help="grid.png (a PNG grid) or samples.npz (raw).")] = Path(
@@ -212,12 +247,19 @@ def sample(
     )
     device = device or default_device()
     predictor, chain, _ = _load_chain(
-        run_dir, ensemble, coordinator, credential, catalogue, store, device
+        run_dir,
+        ensemble,
+        coordinator,
+        credential,
+        catalogue,
+        store,
+        device,
+        _security(ca, client_cert, client_key),
     )
     write_samples(predictor, chain, opts, out, device)
 
 
-def _load_chain(run_dir, ensemble, coordinator, credential, catalogue, store, device):
+def _load_chain(run_dir, ensemble, coordinator, credential, catalogue, store, device, security):
     from tspace_core import remote
     from tspace_core.ensemble import Chain, load_ensemble, read_manifest
 
@@ -237,7 +279,7 @@ def _load_chain(run_dir, ensemble, coordinator, credential, catalogue, store, de
     if coordinator is not None:
         secret = _read_credential(credential)
         cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tspace"
-        return remote.from_coordinator(coordinator, secret, ensemble, cache, device)
+        return remote.from_coordinator(coordinator, secret, ensemble, cache, device, security)
     if catalogue is not None and store is not None:
         return remote.from_catalogue(catalogue, store, ensemble, device)
     raise TspaceError("--ensemble needs --coordinator and --credential, or --catalogue and --store")
@@ -307,6 +349,9 @@ def export_cmd(
     ensemble: EnsembleOption = None,
     coordinator: CoordinatorOption = None,
     credential: CredentialOption = None,
+    ca: CaOption = None,
+    client_cert: ClientCertOption = None,
+    client_key: ClientKeyOption = None,
     catalogue: CatalogueOption = None,
     store: StoreOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in OUT.")] = False,
@@ -327,7 +372,14 @@ def export_cmd(
         )
     check_export_target(out, overwrite)  # before any download
     predictor, chain, spec_json = _load_chain(
-        run_dir, ensemble, coordinator, credential, catalogue, store, "cpu"
+        run_dir,
+        ensemble,
+        coordinator,
+        credential,
+        catalogue,
+        store,
+        "cpu",
+        _security(ca, client_cert, client_key),
     )
     job = _load_job(run_dir, spec_json, f"the job of {ensemble}")
     manifest = export_diffusers(predictor, chain, job, out, overwrite=overwrite)
@@ -380,7 +432,7 @@ def quickstart(
             result, admin = qs.run(folder, processes, workers, steps, show, threads)
         credential = (folder / "coordinator" / "admin.credential").read_text().strip()
         predictor, chain, _ = remote.from_coordinator(
-            result.address, credential, result.ensemble, folder / "cache", "cpu"
+            result.address, credential, result.ensemble, folder / "cache", "cpu", result.security
         )
         grid = folder / "grid.png"
         write_samples(predictor, chain, SampleOptions(n=100), grid, "cpu")

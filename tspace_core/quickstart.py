@@ -19,7 +19,7 @@ import grpc
 
 from tspace_core.errors import TspaceError
 from tspace_core.proto.tspace.v1 import admin_pb2, admin_pb2_grpc
-from tspace_core.rpc import ADMIN_HEADER, insecure_channel
+from tspace_core.rpc import ADMIN_HEADER, ChannelSecurity, open_channel
 
 MARKER = "quickstart.json"
 START_TIMEOUT_S = 60.0
@@ -110,8 +110,8 @@ def wait_for_file(path: Path, processes: Processes, timeout: float = START_TIMEO
 class Admin:
     """The few admin calls the quickstart makes."""
 
-    def __init__(self, address: str, credential: str) -> None:
-        self.channel = insecure_channel(address)
+    def __init__(self, address: str, credential: str, security: ChannelSecurity) -> None:
+        self.channel = open_channel(address, security)
         self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
         self.metadata = ((ADMIN_HEADER, credential),)
 
@@ -136,6 +136,7 @@ class QuickstartResult:
     job: str
     ensemble: str
     seconds: float
+    security: ChannelSecurity  # TLS pinned to the coordinator's CA
 
 
 def run(
@@ -164,7 +165,10 @@ def run(
     )
     address = wait_for_file(coord_dir / "address", processes)
     credential = (coord_dir / "admin.credential").read_text().strip()
-    admin = Admin(address, credential)
+    # The coordinator serves TLS, as it does by default; everything here pins its CA.
+    ca_file = coord_dir / "tls" / "ca.crt"
+    security = ChannelSecurity(ca_file.read_bytes())
+    admin = Admin(address, credential, security)
     job_file = folder / "digits.toml"
     job_file.write_text(with_steps(example_job(), steps))
     job = admin.call(
@@ -183,6 +187,8 @@ def run(
                 address,
                 "--token",
                 token,
+                "--ca",
+                str(ca_file),
                 "--state-dir",
                 str(folder / "workers" / f"site-{i}"),
                 "--threads",
@@ -204,5 +210,6 @@ def run(
         if problem := processes.failed():
             raise TspaceError(problem)
         time.sleep(1.0)
-    result = QuickstartResult(folder, address, name, f"{name}:final", time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    result = QuickstartResult(folder, address, name, f"{name}:final", seconds, security)
     return result, admin

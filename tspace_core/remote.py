@@ -15,6 +15,7 @@ from tspace_core.checkpoint import load_checkpoint
 from tspace_core.ensemble import Chain, model_from_checkpoint
 from tspace_core.errors import CheckpointError, TspaceError
 from tspace_core.fsio import sha256_file
+from tspace_core.rpc import ChannelSecurity
 from tspace_core.sampling import EnsemblePredictor
 from tspace_core.states import LatentStates
 from tspace_core.verification import checkpoint_problems
@@ -85,15 +86,21 @@ def from_catalogue(
 
 
 def from_coordinator(
-    address: str, credential: str, name: str, cache: Path, device: torch.device | str = "cpu"
+    address: str,
+    credential: str,
+    name: str,
+    cache: Path,
+    device: torch.device | str = "cpu",
+    security: ChannelSecurity | None = None,
 ) -> tuple[EnsemblePredictor, Chain, str]:
-    """Fetch the ensemble and its members from a running coordinator (admin credential)."""
+    """Fetch the ensemble and its members from a running coordinator (admin credential), over
+    TLS with `security`."""
     from tspace_core import serde
     from tspace_core.proto.tspace.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
-    from tspace_core.rpc import ADMIN_HEADER, insecure_channel, iter_stream
+    from tspace_core.rpc import ADMIN_HEADER, iter_stream, open_channel
 
     metadata = ((ADMIN_HEADER, credential),)
-    with insecure_channel(address) as channel:
+    with open_channel(address, security) as channel:
         try:
             proto = admin_pb2_grpc.AdminServiceStub(channel).GetEnsemble(
                 admin_pb2.GetEnsembleRequest(name=name), timeout=TIMEOUT_S, metadata=metadata

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -66,9 +67,56 @@ def server_options() -> list[tuple[str, int]]:
     ]
 
 
+def is_loopback(address: str) -> bool:
+    """Whether host:port names this machine's loopback interface."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def insecure_channel(target: str) -> grpc.Channel:
     """A plaintext channel to `target` ("host:port") with channel_options()."""
     return grpc.insecure_channel(target, options=channel_options())
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How a client reaches the coordinator over TLS.
+
+    ca_pem: the CA certificate(s) the server's certificate must chain to (pinned: the system's
+        trust store is never used).
+    key_pem, cert_pem: a client certificate and its key, for mutual TLS (both or neither).
+    server_name: the name to check the server certificate against, when the address is not
+        one of its names (e.g. a wildcard bind address reached through 127.0.0.1).
+    """
+
+    ca_pem: bytes
+    key_pem: bytes | None = None
+    cert_pem: bytes | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.key_pem is None) != (self.cert_pem is None):
+            raise SpecError("a client certificate needs its key, and a key its certificate")
+
+
+def open_channel(target: str, security: ChannelSecurity | None = None) -> grpc.Channel:
+    """A channel to `target`: TLS with `security`, plaintext without."""
+    if security is None:
+        return insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=security.ca_pem,
+        private_key=security.key_pem,
+        certificate_chain=security.cert_pem,
+    )
+    options: list[tuple[str, int | str]] = [*channel_options()]
+    if security.server_name:
+        options.append(("grpc.ssl_target_name_override", security.server_name))
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -102,12 +104,40 @@ def fetch_resume_point(
     return session.fetch("FetchCheckpoint", record.sha256, record.size, path)
 
 
+# What the coordinator sends becomes file names here: only plain names and digests pass.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def check_names(a: serde.Assignment, manifest: Any) -> None:
+    """Refuse an assignment whose lease id, shard names or digests could name a path outside
+    this worker's folders; the manifest may name only the assignment's shards."""
+    names = [a.lease_id, *(s.name for s in a.shards)]
+    digests = [a.job_hash, *(s.sha256 for s in a.shards)]
+    if a.resume_from is not None:
+        digests.append(a.resume_from.sha256)
+    bad = [n for n in names if not SAFE_NAME.fullmatch(n) or ".." in n]
+    bad += [d for d in digests if not DIGEST.fullmatch(d)]
+    try:
+        files = {entry["file"] for entry in manifest["shards"]}
+    except (KeyError, TypeError):
+        raise TspaceError("the coordinator sent a dataset manifest without shards") from None
+    bad += sorted(str(f) for f in files - {s.name for s in a.shards})
+    if bad:
+        shown = ", ".join(repr(b[:80]) for b in bad[:3])
+        raise TspaceError(f"the coordinator sent unusable names or digests ({shown}); refusing")
+
+
 def resolve_assignment(a: serde.Assignment) -> tuple[Job, dict]:
-    resolved = json.loads(a.spec_json)
-    job = resolve(spec_from_dict(resolved["spec"]))
+    try:
+        resolved = json.loads(a.spec_json)
+        job = resolve(spec_from_dict(resolved["spec"]))
+        manifest = resolved["dataset"]
+    except (ValueError, KeyError, TypeError):
+        raise TspaceError("the coordinator sent a job this worker cannot read") from None
     if job.hash != a.job_hash or tuple(job.units[a.unit]) != tuple(a.timesteps):
         raise TspaceError("the job sent by the coordinator does not match its hash")
-    return job, resolved["dataset"]
+    return job, manifest
 
 
 class UnitRun:
@@ -144,6 +174,7 @@ class UnitRun:
         """Train the unit; True when it completed, False when the lease was lost."""
         a = self.a
         job, manifest = resolve_assignment(a)
+        check_names(a, manifest)  # before any of them names a file
         data = prepare_dataset(self.session, a, manifest, self.opts, local)
         config = model_config_for(job, data)
         trainer = make_trainer(job, a.unit, data, config, self.opts.device)
@@ -232,13 +263,25 @@ def work_loop(
             log.info(
                 "unit %d %s", assignment.unit, "completed" if done else "given up (lease lost)"
             )
-        except (TspaceError, RuntimeError, OSError, ValueError) as exc:
-            log.error("unit %d failed: %s", assignment.unit, exc)
+        except (TspaceError, RuntimeError, OSError, ValueError, grpc.RpcError) as exc:
+            # A refusal of this unit's upload or completion ends this unit, not the worker.
+            error = error_text(exc)
+            log.error("unit %d failed: %s", assignment.unit, error)
             with contextlib.suppress(grpc.RpcError):
                 session.call(
                     "FailUnit",
-                    worker_pb2.FailUnitRequest(lease_id=assignment.lease_id, error=str(exc)[:1000]),
+                    worker_pb2.FailUnitRequest(lease_id=assignment.lease_id, error=error),
                 )
+
+
+def error_text(exc: BaseException) -> str:
+    """What a failure report says: the coordinator's own words for a refusal, printable only
+    (the coordinator refuses control characters), at most 1000 characters."""
+    if isinstance(exc, grpc.Call):
+        text = f"{exc.code().name}: {exc.details()}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return "".join(c if c.isprintable() or c == "\n" else " " for c in text)[:1000]
 
 
 def device_description(device: str) -> str:

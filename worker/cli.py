@@ -54,6 +54,39 @@ def _display(progress: Progress | None):
     return show
 
 
+def _pinned_ca(
+    coordinator: str,
+    enrol: str | None,
+    ca: Path | None,
+    fingerprint: str | None,
+    insecure: bool,
+    registering: bool,
+) -> bytes | None:
+    """The CA certificate to pin for registration (None: plaintext), from --ca or fetched from
+    the coordinator and matched against --ca-fingerprint."""
+    from tspace_core import tls
+    from tspace_core.rpc import is_loopback
+
+    if ca is not None and fingerprint is not None:
+        raise TspaceError("give --ca or --ca-fingerprint, not both")
+    if ca is not None:
+        try:
+            pem = ca.read_bytes()
+        except OSError as exc:
+            raise TspaceError(f"cannot read --ca {ca}: {exc.strerror}") from None
+        tls.fingerprint(pem)  # refuses a file that holds no certificate
+        return pem
+    if fingerprint is not None:
+        return tls.fetch_ca(enrol or coordinator, fingerprint)
+    if registering and not insecure and not is_loopback(coordinator):
+        raise TspaceError(
+            f"{coordinator} is not a loopback address: pin the coordinator's CA with --ca FILE "
+            "or --ca-fingerprint (printed by `tspace-coord tokens create`), or pass --insecure "
+            "to send the join token in plaintext"
+        )
+    return None
+
+
 @app.command()
 def join(
     coordinator: Annotated[str, typer.Option(help="Coordinator address, host:port.")],
@@ -65,8 +98,27 @@ def join(
         "~/.tspace/worker"
     ),
     keep_alive: Annotated[bool, typer.Option(help="Wait for new jobs instead of exiting.")] = False,
+    ca: Annotated[
+        Path | None,
+        typer.Option(help="The coordinator's CA certificate (PEM): connect over TLS pinned to it."),
+    ] = None,
+    ca_fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="The SHA-256 fingerprint of the coordinator's CA, as `tspace-coord tokens "
+            "create` prints it: fetch the CA from the coordinator and pin it."
+        ),
+    ] = None,
+    enrol: Annotated[
+        str | None,
+        typer.Option(help="Where to register when the coordinator requires client certificates."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Allow plaintext to a coordinator that is not on loopback.")
+    ] = False,
 ) -> None:
     """Register with the coordinator (once), then lease and train units until none are left."""
+    ca_pem = _pinned_ca(coordinator, enrol, ca, ca_fingerprint, insecure, token is not None)
     import torch
 
     from worker.agent import WorkerOptions, device_description, work_loop
@@ -79,7 +131,9 @@ def join(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TspaceError(f"--device {device}: no CUDA device is available here; use cpu")
     opts = WorkerOptions(state_dir.expanduser(), device, data, keep_alive)
-    identity, key = join_coordinator(opts.state_dir, coordinator, token, device_description(device))
+    identity, key, security = join_coordinator(
+        opts.state_dir, coordinator, token, device_description(device), ca_pem, enrol
+    )
     logging.getLogger("tspace.worker").info(
         "worker %s (site %s, key %s) joined %s",
         identity.worker_id,
@@ -87,7 +141,7 @@ def join(
         identity.key_id,
         coordinator,
     )
-    session = Session(coordinator, identity.credential)
+    session = Session(coordinator, identity.credential, security)
     try:
         if err_console.is_terminal:
             columns = (

@@ -17,12 +17,13 @@ from tspace_core.proto.tspace.v1 import worker_pb2, worker_pb2_grpc
 from tspace_core.rpc import (
     CHUNK_BYTES,
     CREDENTIAL_HEADER,
+    ChannelSecurity,
     RetryPolicy,
     backoff_delays,
     call_with_retry,
     file_chunks,
-    insecure_channel,
     iter_stream,
+    open_channel,
 )
 
 log = logging.getLogger("tspace.worker")
@@ -39,9 +40,14 @@ class LeaseLost(TspaceError):
 class Session:
     """A channel to the coordinator and the worker's credential, sent with every call."""
 
-    def __init__(self, address: str, credential: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        credential: str | None = None,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         self.address = address
-        self.channel = insecure_channel(address)
+        self.channel = open_channel(address, security)
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
         self.credential = credential
 

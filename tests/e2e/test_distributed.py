@@ -70,6 +70,17 @@ def _start_coordinator(folder: Path) -> subprocess.Popen[str]:
     )
 
 
+def fingerprint(ca_file: Path) -> str:
+    """The CA's fingerprint as OpenSSL prints it ("sha256 Fingerprint=AB:CD:...")."""
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", str(ca_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.strip().split("=", 1)[1]
+
+
 def _wait_address(folder: Path) -> str:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -102,7 +113,10 @@ def test_distributed_training_equals_tspace_train(tmp_path: Path) -> None:
                 *admin, "tokens", "create", "--site", f"s{i}", "--dir", str(coord)
             ).stdout.strip()
             local = ["--data", str(site_data)] if i == 0 else []
-            args = ["join", "--coordinator", address, "--token", token, "--threads", "1"]
+            # One site is handed the CA file, the other only its fingerprint.
+            ca_file = coord / "tls" / "ca.crt"
+            pin = ["--ca", str(ca_file)] if i == 0 else ["--ca-fingerprint", fingerprint(ca_file)]
+            args = ["join", "--coordinator", address, "--token", token, "--threads", "1", *pin]
             log = (tmp_path / f"worker-{i}.log").open("w")
             workers.append(
                 subprocess.Popen(
@@ -131,6 +145,8 @@ def test_distributed_training_equals_tspace_train(tmp_path: Path) -> None:
                 address,
                 "--credential",
                 str(coord / "admin.credential"),
+                "--ca",
+                str(coord / "tls" / "ca.crt"),
                 "--n",
                 "4",
                 "--out",
@@ -262,6 +278,8 @@ def test_worker_waits_for_an_unreachable_coordinator(tmp_path: Path) -> None:
             address,
             "--token",
             token.strip(),
+            "--ca",
+            str(coord / "tls" / "ca.crt"),
             "--threads",
             "1",
             "--state-dir",

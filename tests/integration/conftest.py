@@ -395,3 +395,9 @@ class CheckpointMaker:
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> CheckpointMaker:
     return CheckpointMaker(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture
+def tiny_toml() -> str:
+    """The tiny job's spec, for tests that serve a coordinator of their own."""
+    return tiny_job_toml()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -20,6 +21,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from coordinator.cli import app
+from coordinator.config import Endpoint, write_endpoint
 from tspace_core import serde
 from tspace_core.checkpoint import load_checkpoint, save_checkpoint
 from tspace_core.errors import TspaceError
@@ -67,9 +69,9 @@ UNIT_KEYS = {
 
 
 def serving(coord: Harness) -> Path:
-    """The coordinator folder with the address `serve` would have written."""
+    """The coordinator folder with the endpoint `serve` would have written (plaintext)."""
     assert coord.coordinator is not None
-    (coord.folder / "address").write_text(coord.coordinator.address + "\n")
+    write_endpoint(coord.folder, Endpoint(coord.coordinator.address))
     return coord.folder
 
 
@@ -397,7 +399,7 @@ def test_checkpoints_units_and_ensembles_of_a_trained_job(
 # --- workers and join tokens ---
 
 
-def test_tokens_and_workers(coord: Harness) -> None:
+def test_tokens_and_workers(coord: Harness, checkpoints: CheckpointMaker) -> None:
     serving(coord)
     created = cli(coord, "tokens", "create", "--site", "lab-a")
     token = created.stdout.strip()
@@ -405,7 +407,18 @@ def test_tokens_and_workers(coord: Harness) -> None:
     token_id = hashlib.sha256(token.encode()).hexdigest()[:12]
     assert f"join token {token_id} for site lab-a; expires in 1d0h" in created.stderr
     other = cli_json(coord, "tokens", "create", "--site", "lab-b", "--expires", "90m")
-    assert set(other) == {"token", "token_id", "site", "expires_in_s"}
+    assert set(other) == {
+        "token",
+        "token_id",
+        "site",
+        "expires_in_s",
+        "address",
+        "ca_fingerprint",
+        "enrol_address",
+    }
+    # This coordinator serves plaintext: no CA to pin, no registration port.
+    assert other["address"] == coord.coordinator.address
+    assert other["ca_fingerprint"] is None and other["enrol_address"] is None
     assert (other["site"], other["expires_in_s"]) == ("lab-b", 5400.0)
     assert other["token_id"] == hashlib.sha256(other["token"].encode()).hexdigest()[:12]
     for bad in ("5x", "0", "-3h", "1.5.2d"):
@@ -463,12 +476,34 @@ def test_tokens_and_workers(coord: Harness) -> None:
     human = cli(coord, "workers", "show", worker_id).stdout
     assert public_key_bytes(key).hex() in human and "gpu-host-7" in human
 
-    revoke = cli(coord, "workers", "revoke", worker_id).stdout.strip()
-    assert revoke == (
-        f"worker {worker_id} revoked: its credential is refused, 0 checkpoints it signed no "
-        "longer trusted, 1 unit it was training back to pending"
+    # It completes the unit it holds with a final checkpoint it signed, and takes another.
+    client = SimpleNamespace(
+        worker_id=worker_id,
+        key=key,
+        key_id=key_id(public_key_bytes(key)),
+        metadata=((CREDENTIAL_HEADER, registered.credential),),
     )
-    assert coord.catalogue.units("tiny")[leased_unit].status == "pending"
+    done = serde.assignment_from_proto(acquired.assignment)
+    final = coord.upload_file(client, done, checkpoints.path(done, STEPS), STEPS, final=True)
+    coord.complete(client, done, final.checkpoint.sha256)
+    running = coord.assignment(client)
+    assert coord.catalogue.units("tiny")[done.unit].status == "done"
+
+    # Revoking it requeues both: the one it was training and the one it completed.
+    revoke = cli(coord, "workers", "revoke", worker_id).stdout.strip()
+    requeued = ", ".join(f"tiny/{u}" for u in sorted((done.unit, running.unit)))
+    assert revoke == (
+        f"worker {worker_id} revoked: its credential is refused, 1 checkpoint it signed no "
+        f"longer trusted; 2 units back to pending to train again: {requeued}"
+    )
+    units = coord.catalogue.units("tiny")
+    assert [(units[u].status, units[u].attempts) for u in (done.unit, running.unit)] == [
+        ("pending", 0),
+        ("pending", 0),
+    ]
+    assert not coord.catalogue.get_checkpoint(final.checkpoint.sha256).trusted
+    event = coord.catalogue.events(limit=1)[0]
+    assert event.kind == "worker_revoked" and "1 done on a checkpoint it signed" in event.message
     assert "revoked" in cli(coord, "workers", "list").stdout
     refused(coord, "workers", "revoke", worker_id, fragment="is already revoked")
     refused(coord, "workers", "show", "nope", fragment="no worker 'nope'")
@@ -484,12 +519,12 @@ def test_an_unreachable_coordinator_is_one_clear_line(tmp_path: Path) -> None:
     with socket.socket() as probe:  # a port nothing listens on once closed
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    (folder / "address").write_text(f"127.0.0.1:{port}\n")
+    write_endpoint(folder, Endpoint(f"127.0.0.1:{port}"))
     for args in (["jobs", "list"], ["checkpoints", "verify"], ["tokens", "create", "--site", "a"]):
         result = script(*args, "--dir", str(folder))
         assert_one_line_error(result, f"the coordinator at 127.0.0.1:{port} is unreachable")
         assert result.stdout == ""
-    (folder / "address").unlink()
+    (folder / "endpoint.json").unlink()
     assert_one_line_error(
         script("units", "list", "--dir", str(folder)), "no running coordinator found"
     )

@@ -192,6 +192,8 @@ def test_worker_calls_need_a_registered_credential(coord: Harness) -> None:
     before = coord.snapshot()
     for method, request in calls.items():
         for what, (metadata, fragment) in wrong.items():
+            if method == "FetchShard" and metadata and metadata[0][0] == ADMIN_HEADER:
+                fragment = "admin credential is wrong"  # the admin may fetch too
             call = functools.partial(invoke, coord.worker, method, request, metadata)
             try:
                 refused(UNAUTHENTICATED, fragment, call)
@@ -213,17 +215,29 @@ def test_admin_calls_need_the_admin_credential(coord: Harness) -> None:
         "Status": admin_pb2.StatusRequest(),
     }
     wrong = {
-        "no credential": (),
-        "a wrong admin credential": ((ADMIN_HEADER, "not-the-admin"),),
-        "a worker credential as the admin's": ((ADMIN_HEADER, worker.credential),),
-        "a worker's own metadata": worker.metadata,
+        "no credential": ((), UNAUTHENTICATED, "admin credential missing"),
+        "a wrong admin credential": (
+            ((ADMIN_HEADER, "not-the-admin"),),
+            UNAUTHENTICATED,
+            "admin credential is wrong",
+        ),
+        "a worker credential as the admin's": (
+            ((ADMIN_HEADER, worker.credential),),
+            UNAUTHENTICATED,
+            "admin credential is wrong",
+        ),
+        "a worker's own metadata": (
+            worker.metadata,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "a worker credential cannot call admin methods",
+        ),
     }
     before = coord.snapshot()
     for method, request in calls.items():
-        for what, metadata in wrong.items():
+        for what, (metadata, code, fragment) in wrong.items():
             call = functools.partial(invoke, coord.admin, method, request, metadata)
             try:
-                refused(UNAUTHENTICATED, "admin credential missing or wrong", call)
+                refused(code, fragment, call)
             except AssertionError as exc:
                 raise AssertionError(f"{method} with {what}: {exc}") from None
     assert coord.snapshot() == before
@@ -398,7 +412,7 @@ def test_fetch_refuses_a_negative_offset(coord: Harness) -> None:
     request = worker_pb2.FetchRequest(sha256=a.shards[0].sha256, offset=-1)
     refused(
         INVALID_ARGUMENT,
-        "negative",
+        "offset is -1",
         lambda: list(coord.worker.FetchShard(request, metadata=worker.metadata, timeout=10)),
     )
 

@@ -188,8 +188,12 @@ def test_uploads_count_outcomes_bytes_and_the_reason_of_each_refusal(
     up.refused("incomplete", up.header(half), [half[:400]])
     up.refused("incomplete", up.header(half), [half[400:]], read=0)  # resumes at the wrong offset
     up.refused("format", up.header(blob), [blob])  # digest fine, but not a checkpoint
+    # A caller without a valid credential is turned away by the auth interceptor before the
+    # upload handler runs: a refused RPC (in tspace_rpc_duration_seconds), not an upload.
     stranger = dataclasses.replace(worker, credential="not-a-credential")
-    up.refused("other", up.header(data), pieces, read=0, as_worker=stranger)
+    with pytest.raises(grpc.RpcError) as info:
+        metered.upload(stranger, up.header(data), pieces)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
 
     samples = scrape(metered)
     rejected = sum(up.reasons.values())
@@ -199,9 +203,9 @@ def test_uploads_count_outcomes_bytes_and_the_reason_of_each_refusal(
     for reason, count in up.reasons.items():
         assert value(samples, "tspace_upload_rejections_total", reason=reason) == count, reason
     assert value(samples, "tspace_upload_bytes_total") == up.bytes_read
-    # Aborted streams are timed too.
+    # Aborted streams are timed too, and so is the call the interceptor refused.
     timed = value(samples, "tspace_rpc_duration_seconds_count", method="UploadCheckpoint")
-    assert timed == up.calls
+    assert timed == up.calls + 1
 
 
 def test_rpc_latency_is_recorded_per_method_for_unary_and_streaming_calls(

@@ -5,6 +5,7 @@ transaction and either changes everything it says or nothing."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -20,6 +21,7 @@ from tspace_core.catalogue.records import (
     JOB_PAUSED,
     LEASE_ACTIVE,
     LEASE_CANCELLED,
+    LEASE_COMPLETED,
     TOKEN_EXPIRED,
     TOKEN_REVOKED,
     TOKEN_UNUSED,
@@ -31,9 +33,9 @@ from tspace_core.catalogue.records import (
     WORKER_REVOKED,
     CheckpointRecord,
     JobRecord,
+    Revocation,
     TokenRecord,
     UnitRecord,
-    WorkerRecord,
 )
 from tspace_core.catalogue.rows import (
     checkpoint_query,
@@ -330,21 +332,97 @@ def revoke_token(session: Session, token_id: str, now: float) -> TokenRecord:
     return token_record(token, now)
 
 
-def revoke_worker(session: Session, worker_id: str, now: float) -> WorkerRecord:
-    """Mark the worker revoked: its credential is refused, every checkpoint it signed reads as
-    untrusted from now on, and the units it was training go back to pending."""
+def revoke_worker(session: Session, worker_id: str, now: float) -> Revocation:
+    """Mark the worker revoked: its credential is refused and every checkpoint it signed reads as
+    untrusted from now on. The units it was training go back to pending, and so do the done units
+    whose completion rests on a checkpoint it signed (the one their latest completed lease
+    delivered): they are trained again from their newest trusted checkpoint, with fresh attempts,
+    and a job that had ended is active again. Units of cancelled jobs stay as they are."""
     worker = worker_row(session, worker_id)
     if worker.status == WORKER_REVOKED:
         raise CatalogueError("failed_precondition", f"worker {worker_id!r} is already revoked")
     worker.status = WORKER_REVOKED
-    leases = active_leases(session, worker_id=worker_id)
-    for lease in leases:
+    training: set[tuple[str, int]] = set()
+    for lease in active_leases(session, worker_id=worker_id):
         cancel_lease(session, lease, "worker revoked", now)
-    add_event(
-        session,
-        "worker_revoked",
-        f"worker {worker_id} revoked; {len(leases)} unit(s) it was training requeued",
-        now,
-        worker_id=worker_id,
+        unit = session.get_one(Unit, lease.unit_id)
+        training.add((session.get_one(Job, unit.job_id).name, unit.unit))
+    completed = _completed_on(session, worker_id)
+    if completed:
+        # Lock the jobs, as complete_unit does, so that no job is marked done meanwhile with a
+        # unit about to go back to pending; then read the units again under the lock.
+        ids = sorted({unit.job_id for unit, _ in completed})
+        session.scalars(
+            select(Job)
+            .where(Job.id.in_(ids))
+            .order_by(Job.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).all()
+        completed = _completed_on(session, worker_id)
+    reopened: set[tuple[str, int]] = set()
+    for unit, job in completed:
+        unit.status, unit.attempts, unit.last_error = UNIT_PENDING, 0, ""
+        _reopen(session, job, now)
+        reopened.add((job.name, unit.unit))
+    requeued = tuple(sorted(training | reopened))
+    counts = f"{len(training)} it was training, {len(reopened)} done on a checkpoint it signed"
+    what = (
+        f"{len(requeued)} unit(s) requeued to train again ({counts}): {_unit_names(requeued)}"
+        if requeued
+        else "no unit requeued"
     )
-    return worker_records(session, [worker])[0]
+    add_event(
+        session, "worker_revoked", f"worker {worker_id} revoked; {what}", now, worker_id=worker_id
+    )
+    signed = session.scalar(select(func.count()).where(Checkpoint.worker_id == worker_id))
+    session.flush()
+    return Revocation(
+        worker=worker_records(session, [worker])[0], requeued=requeued, checkpoints=signed or 0
+    )
+
+
+def _completed_on(session: Session, worker_id: str) -> list[tuple[Unit, Job]]:
+    """Done units of jobs not cancelled whose latest completed lease delivered a checkpoint
+    signed by `worker_id`, by job name, then unit."""
+    latest = (
+        select(
+            Lease.unit_id,
+            Lease.checkpoint_sha256,
+            func.row_number()
+            .over(
+                partition_by=Lease.unit_id,
+                order_by=(Lease.updated_at.desc(), Lease.lease_id.desc()),
+            )
+            .label("rank"),
+        )
+        .where(Lease.status == LEASE_COMPLETED, Lease.checkpoint_sha256.is_not(None))
+        .subquery()
+    )
+    rows = session.execute(
+        select(Unit, Job)
+        .join(Job, Unit.job_id == Job.id)
+        .join(latest, latest.c.unit_id == Unit.id)
+        .join(Checkpoint, Checkpoint.sha256 == latest.c.checkpoint_sha256)
+        .where(
+            latest.c.rank == 1,
+            Checkpoint.worker_id == worker_id,
+            Unit.status == UNIT_DONE,
+            Job.status != JOB_CANCELLED,
+        )
+        .order_by(Job.name, Unit.unit)
+        .execution_options(populate_existing=True)
+    ).all()
+    return [(unit, job) for unit, job in rows]
+
+
+def _unit_names(units: Iterable[tuple[str, int]]) -> str:
+    """Units for a message, grouped by job: [("a", 0), ("a", 2), ("b", 1)] reads "a units 0, 2;
+    b unit 1"."""
+    by_job: dict[str, list[int]] = {}
+    for job, unit in units:
+        by_job.setdefault(job, []).append(unit)
+    return "; ".join(
+        f"{job} unit{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
+        for job, numbers in by_job.items()
+    )

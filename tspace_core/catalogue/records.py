@@ -100,6 +100,18 @@ class WorkerRecord:
 
 
 @dataclass(frozen=True)
+class Revocation:
+    """What revoking a worker did: the worker as it is now, the checkpoints it signed (all
+    untrusted from now on), and the units back to pending to be trained again, as (job, unit)
+    sorted by job name, then unit: those it was training and the done ones whose completion
+    rests on a checkpoint it signed."""
+
+    worker: WorkerRecord
+    requeued: tuple[tuple[str, int], ...] = ()
+    checkpoints: int = 0
+
+
+@dataclass(frozen=True)
 class CheckpointRecord:
     """A verified, signed checkpoint; `statement` is the exact signed bytes."""
 

@@ -43,9 +43,17 @@ from tspace_core.catalogue.rows import (
 
 def add_checkpoint(session: Session, rec: CheckpointRecord) -> tuple[CheckpointRecord, bool]:
     """Record a verified checkpoint; (record, True) when new, (existing record, False) when its
-    digest is already known."""
-    if session.get(Checkpoint, rec.sha256) is not None:
-        return get_checkpoint(session, rec.sha256), False
+    digest is already known and trusted.
+
+    Training is deterministic, so a unit trained again after a revocation or a reset can reach a
+    recorded checkpoint byte for byte. A known digest that is untrusted (its signer revoked) or
+    discarded is then re-attributed: it takes `rec`'s signature, signer and attempt, is no longer
+    discarded, and (record, True) is returned; (record, False) when `rec` is the very statement
+    already recorded, which only makes it current again."""
+    existing = session.get(Checkpoint, rec.sha256, with_for_update=True)
+    known = None if existing is None else get_checkpoint(session, rec.sha256)
+    if known is not None and known.trusted and not known.discarded:
+        return known, False
     unit, _ = unit_row(session, rec.job, rec.unit)
     worker = worker_row(session, rec.worker_id, active=True)
     if (rec.key_id, rec.public_key) != (worker.key_id, worker.public_key):
@@ -56,6 +64,8 @@ def add_checkpoint(session: Session, rec: CheckpointRecord) -> tuple[CheckpointR
         )
     if rec.size < 0 or rec.step < 0:
         raise CatalogueError("invalid_argument", "checkpoint size and step must be >= 0")
+    if existing is not None and known is not None:
+        return _reattribute(session, existing, known, rec)
     session.add(
         Checkpoint(
             sha256=rec.sha256,
@@ -72,6 +82,42 @@ def add_checkpoint(session: Session, rec: CheckpointRecord) -> tuple[CheckpointR
             created_at=rec.created_at,
             verified=True,  # the coordinator checks digest and signature before recording
         )
+    )
+    session.flush()
+    return get_checkpoint(session, rec.sha256), True
+
+
+def _reattribute(
+    session: Session, row: Checkpoint, known: CheckpointRecord, rec: CheckpointRecord
+) -> tuple[CheckpointRecord, bool]:
+    """Let `rec`, from an active signer, vouch for the untrusted or discarded `row`."""
+    theirs = (known.job, known.unit, known.step, known.final, known.size)
+    ours = (rec.job, rec.unit, rec.step, rec.final, rec.size)
+    if ours != theirs:
+        raise CatalogueError(
+            "conflict",
+            f"checkpoint {rec.sha256[:12]} is recorded as {known.job} unit {known.unit} step "
+            f"{known.step} (final={known.final}, {known.size} bytes), not as {rec.job} unit "
+            f"{rec.unit} step {rec.step} (final={rec.final}, {rec.size} bytes); the same bytes "
+            "cannot be two checkpoints",
+        )
+    row.discarded = False
+    signed = (rec.worker_id, rec.statement, rec.signature)
+    if (row.worker_id, row.statement, row.signature) == signed:
+        session.flush()
+        return get_checkpoint(session, rec.sha256), False
+    row.worker_id, row.statement, row.signature = signed
+    row.attempt, row.created_at = rec.attempt, rec.created_at
+    was = f"signer {known.worker_id} revoked" if not known.trusted else "discarded"
+    add_event(
+        session,
+        "checkpoint_reattributed",
+        f"checkpoint {rec.sha256[:12]} of {rec.job} unit {rec.unit} step {rec.step} "
+        f"({was}) reproduced byte for byte and signed by worker {rec.worker_id}",
+        rec.created_at,
+        job=rec.job,
+        unit=rec.unit,
+        worker_id=rec.worker_id,
     )
     session.flush()
     return get_checkpoint(session, rec.sha256), True

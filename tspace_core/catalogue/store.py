@@ -24,6 +24,7 @@ from tspace_core.catalogue.records import (
     EventRecord,
     JobRecord,
     LeaseRecord,
+    Revocation,
     ShardRecord,
     TokenRecord,
     UnitRecord,
@@ -137,9 +138,11 @@ class Catalogue:
     def get_worker(self, worker_id: str) -> WorkerRecord:
         return self._run(lambda s: enrolment.get_worker(s, worker_id), write=False)
 
-    def revoke_worker(self, worker_id: str, now: float) -> WorkerRecord:
-        """Revoke a worker: its checkpoints become untrusted, it can lease no more units, and
-        the units it was training go back to pending. Refused when already revoked."""
+    def revoke_worker(self, worker_id: str, now: float) -> Revocation:
+        """Revoke a worker: its checkpoints become untrusted and it can lease no more units. The
+        units it was training go back to pending, and so do done units completed with a
+        checkpoint it signed (their jobs reopen); the revocation names them all. Refused when
+        already revoked."""
         return self._run(lambda s: operator.revoke_worker(s, worker_id, now))
 
     # Jobs and units.
@@ -240,7 +243,9 @@ class Catalogue:
 
     def add_checkpoint(self, rec: CheckpointRecord) -> tuple[CheckpointRecord, bool]:
         """Record a verified checkpoint of an existing unit; (record, created). Idempotent by
-        digest: a known sha256 returns (existing record, False)."""
+        digest: a known, trusted sha256 returns (existing record, False). A known one that is
+        untrusted or discarded, reproduced by an active worker (same job, unit and step), is
+        re-attributed to that worker: (record, True), logged as "checkpoint_reattributed"."""
         return self._run(lambda s: results.add_checkpoint(s, rec))
 
     def get_checkpoint(self, sha256: str) -> CheckpointRecord:

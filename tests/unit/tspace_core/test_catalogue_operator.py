@@ -448,7 +448,7 @@ def test_revoke_worker_requeues_the_units_it_was_training(cat: Catalogue) -> Non
     add_job(cat)
     a, b = enrol(cat, "ka"), enrol(cat, "kb")
     la0, la1, lb2 = lease_of(cat, a), lease_of(cat, a), lease_of(cat, b)
-    revoked = cat.revoke_worker(a.worker_id, T0 + 1)
+    revoked = cat.revoke_worker(a.worker_id, T0 + 1).worker
     assert revoked == replace(a, status=WORKER_REVOKED)
     assert [cat.get_lease(x.lease_id).status for x in (la0, la1, lb2)] == [
         LEASE_CANCELLED,

@@ -209,6 +209,24 @@ class RevokeWorkerRequest(_message.Message):
     worker_id: str
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
+class RequeuedUnit(_message.Message):
+    __slots__ = ("job", "unit")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    unit: int
+    def __init__(self, job: _Optional[str] = ..., unit: _Optional[int] = ...) -> None: ...
+
+class RevokeWorkerResponse(_message.Message):
+    __slots__ = ("worker", "requeued", "checkpoints")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    REQUEUED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    worker: WorkerInfo
+    requeued: _containers.RepeatedCompositeFieldContainer[RequeuedUnit]
+    checkpoints: int
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., requeued: _Optional[_Iterable[_Union[RequeuedUnit, _Mapping]]] = ..., checkpoints: _Optional[int] = ...) -> None: ...
+
 class CheckpointInfo(_message.Message):
     __slots__ = ("ref", "worker_id", "trusted", "discarded", "created_at", "attempt", "metrics")
     class MetricsEntry(_message.Message):

@@ -97,7 +97,7 @@ class AdminServiceStub(object):
         self.RevokeWorker = channel.unary_unary(
                 '/tspace.v1.AdminService/RevokeWorker',
                 request_serializer=tspace_dot_v1_dot_admin__pb2.RevokeWorkerRequest.SerializeToString,
-                response_deserializer=tspace_dot_v1_dot_admin__pb2.WorkerInfo.FromString,
+                response_deserializer=tspace_dot_v1_dot_admin__pb2.RevokeWorkerResponse.FromString,
                 _registered_method=True)
         self.ListCheckpoints = channel.unary_unary(
                 '/tspace.v1.AdminService/ListCheckpoints',
@@ -216,7 +216,8 @@ class AdminServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def RevokeWorker(self, request, context):
-        """Refuse the worker's credential from now on; its running leases go back to pending.
+        """Refuse the worker's credential from now on; what it signed is untrusted. The units it was
+        training, and the done ones completed with a checkpoint it signed, go back to pending.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -333,7 +334,7 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'RevokeWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeWorker,
                     request_deserializer=tspace_dot_v1_dot_admin__pb2.RevokeWorkerRequest.FromString,
-                    response_serializer=tspace_dot_v1_dot_admin__pb2.WorkerInfo.SerializeToString,
+                    response_serializer=tspace_dot_v1_dot_admin__pb2.RevokeWorkerResponse.SerializeToString,
             ),
             'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCheckpoints,
@@ -721,7 +722,7 @@ class AdminService(object):
             target,
             '/tspace.v1.AdminService/RevokeWorker',
             tspace_dot_v1_dot_admin__pb2.RevokeWorkerRequest.SerializeToString,
-            tspace_dot_v1_dot_admin__pb2.WorkerInfo.FromString,
+            tspace_dot_v1_dot_admin__pb2.RevokeWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tspace_core.proto.tspace.v1 import common_pb2 as tspace_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tspace/v1/worker.proto\x12\ttspace.v1\x1a\x16tspace/v1/common.proto\"V\n\x0fRegisterRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\"W\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\"\x14\n\x12\x41\x63quireUnitRequest\"\x83\x02\n\nAssignment\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x10\n\x08job_hash\x18\x03 \x01(\t\x12\x11\n\tspec_json\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\x05\x12\x11\n\ttimesteps\x18\x06 \x03(\x03\x12\x16\n\x0e\x61lphas_cumprod\x18\x07 \x03(\x01\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x13\n\x0blease_ttl_s\x18\t \x01(\x01\x12#\n\x06shards\x18\n \x03(\x0b\x32\x13.tspace.v1.ShardRef\x12-\n\x0bresume_from\x18\x0b \x01(\x0b\x32\x18.tspace.v1.CheckpointRef\"1\n\x06NoWork\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\"r\n\x13\x41\x63quireUnitResponse\x12+\n\nassignment\x18\x01 \x01(\x0b\x32\x15.tspace.v1.AssignmentH\x00\x12$\n\x07no_work\x18\x02 \x01(\x0b\x32\x11.tspace.v1.NoWorkH\x00\x42\x08\n\x06result\"V\n\x10HeartbeatRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x14\n\x0cimages_per_s\x18\x04 \x01(\x01\"8\n\x11HeartbeatResponse\x12\x13\n\x0blease_ttl_s\x18\x01 \x01(\x01\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x01(\x08\"7\n\x13UploadStatusRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"8\n\x14UploadStatusResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"t\n\x0cUploadHeader\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x11\n\tstatement\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"P\n\x0bUploadChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.tspace.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"Z\n\x0eUploadResponse\x12,\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x18.tspace.v1.CheckpointRef\x12\x1a\n\x12\x61lready_registered\x18\x02 \x01(\x08\"7\n\x13\x43ompleteUnitRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"(\n\x14\x43ompleteUnitResponse\x12\x10\n\x08\x65nsemble\x18\x01 \x01(\t\"2\n\x0f\x46\x61ilUnitRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x12\n\x10\x46\x61ilUnitResponse\".\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x32\x9d\x05\n\rWorkerService\x12\x43\n\x08Register\x12\x1a.tspace.v1.RegisterRequest\x1a\x1b.tspace.v1.RegisterResponse\x12L\n\x0b\x41\x63quireUnit\x12\x1d.tspace.v1.AcquireUnitRequest\x1a\x1e.tspace.v1.AcquireUnitResponse\x12\x46\n\tHeartbeat\x12\x1b.tspace.v1.HeartbeatRequest\x1a\x1c.tspace.v1.HeartbeatResponse\x12O\n\x0cUploadStatus\x12\x1e.tspace.v1.UploadStatusRequest\x1a\x1f.tspace.v1.UploadStatusResponse\x12G\n\x10UploadCheckpoint\x12\x16.tspace.v1.UploadChunk\x1a\x19.tspace.v1.UploadResponse(\x01\x12O\n\x0c\x43ompleteUnit\x12\x1e.tspace.v1.CompleteUnitRequest\x1a\x1f.tspace.v1.CompleteUnitResponse\x12\x43\n\x08\x46\x61ilUnit\x12\x1a.tspace.v1.FailUnitRequest\x1a\x1b.tspace.v1.FailUnitResponse\x12\x42\n\x0f\x46\x65tchCheckpoint\x12\x17.tspace.v1.FetchRequest\x1a\x14.tspace.v1.DataChunk0\x01\x12=\n\nFetchShard\x12\x17.tspace.v1.FetchRequest\x1a\x14.tspace.v1.DataChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tspace/v1/worker.proto\x12\ttspace.v1\x1a\x16tspace/v1/common.proto\"c\n\x0fRegisterRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0b\n\x03\x63sr\x18\x05 \x01(\x0c\"s\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x1a\n\x12\x63lient_certificate\x18\x05 \x01(\x0c\"\x14\n\x12\x41\x63quireUnitRequest\"\x83\x02\n\nAssignment\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x10\n\x08job_hash\x18\x03 \x01(\t\x12\x11\n\tspec_json\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\x05\x12\x11\n\ttimesteps\x18\x06 \x03(\x03\x12\x16\n\x0e\x61lphas_cumprod\x18\x07 \x03(\x01\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x13\n\x0blease_ttl_s\x18\t \x01(\x01\x12#\n\x06shards\x18\n \x03(\x0b\x32\x13.tspace.v1.ShardRef\x12-\n\x0bresume_from\x18\x0b \x01(\x0b\x32\x18.tspace.v1.CheckpointRef\"1\n\x06NoWork\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\"r\n\x13\x41\x63quireUnitResponse\x12+\n\nassignment\x18\x01 \x01(\x0b\x32\x15.tspace.v1.AssignmentH\x00\x12$\n\x07no_work\x18\x02 \x01(\x0b\x32\x11.tspace.v1.NoWorkH\x00\x42\x08\n\x06result\"V\n\x10HeartbeatRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x14\n\x0cimages_per_s\x18\x04 \x01(\x01\"8\n\x11HeartbeatResponse\x12\x13\n\x0blease_ttl_s\x18\x01 \x01(\x01\x12\x0e\n\x06\x63\x61ncel\x18\x02 \x01(\x08\"7\n\x13UploadStatusRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"8\n\x14UploadStatusResponse\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\"t\n\x0cUploadHeader\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x11\n\tstatement\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"P\n\x0bUploadChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.tspace.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"Z\n\x0eUploadResponse\x12,\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x18.tspace.v1.CheckpointRef\x12\x1a\n\x12\x61lready_registered\x18\x02 \x01(\x08\"7\n\x13\x43ompleteUnitRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"(\n\x14\x43ompleteUnitResponse\x12\x10\n\x08\x65nsemble\x18\x01 \x01(\t\"2\n\x0f\x46\x61ilUnitRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\x12\n\x10\x46\x61ilUnitResponse\".\n\x0c\x46\x65tchRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x32\x9d\x05\n\rWorkerService\x12\x43\n\x08Register\x12\x1a.tspace.v1.RegisterRequest\x1a\x1b.tspace.v1.RegisterResponse\x12L\n\x0b\x41\x63quireUnit\x12\x1d.tspace.v1.AcquireUnitRequest\x1a\x1e.tspace.v1.AcquireUnitResponse\x12\x46\n\tHeartbeat\x12\x1b.tspace.v1.HeartbeatRequest\x1a\x1c.tspace.v1.HeartbeatResponse\x12O\n\x0cUploadStatus\x12\x1e.tspace.v1.UploadStatusRequest\x1a\x1f.tspace.v1.UploadStatusResponse\x12G\n\x10UploadCheckpoint\x12\x16.tspace.v1.UploadChunk\x1a\x19.tspace.v1.UploadResponse(\x01\x12O\n\x0c\x43ompleteUnit\x12\x1e.tspace.v1.CompleteUnitRequest\x1a\x1f.tspace.v1.CompleteUnitResponse\x12\x43\n\x08\x46\x61ilUnit\x12\x1a.tspace.v1.FailUnitRequest\x1a\x1b.tspace.v1.FailUnitResponse\x12\x42\n\x0f\x46\x65tchCheckpoint\x12\x17.tspace.v1.FetchRequest\x1a\x14.tspace.v1.DataChunk0\x01\x12=\n\nFetchShard\x12\x17.tspace.v1.FetchRequest\x1a\x14.tspace.v1.DataChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,41 +33,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tspace_core.proto.tspace.v1
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERREQUEST']._serialized_start=61
-  _globals['_REGISTERREQUEST']._serialized_end=147
-  _globals['_REGISTERRESPONSE']._serialized_start=149
-  _globals['_REGISTERRESPONSE']._serialized_end=236
-  _globals['_ACQUIREUNITREQUEST']._serialized_start=238
-  _globals['_ACQUIREUNITREQUEST']._serialized_end=258
-  _globals['_ASSIGNMENT']._serialized_start=261
-  _globals['_ASSIGNMENT']._serialized_end=520
-  _globals['_NOWORK']._serialized_start=522
-  _globals['_NOWORK']._serialized_end=571
-  _globals['_ACQUIREUNITRESPONSE']._serialized_start=573
-  _globals['_ACQUIREUNITRESPONSE']._serialized_end=687
-  _globals['_HEARTBEATREQUEST']._serialized_start=689
-  _globals['_HEARTBEATREQUEST']._serialized_end=775
-  _globals['_HEARTBEATRESPONSE']._serialized_start=777
-  _globals['_HEARTBEATRESPONSE']._serialized_end=833
-  _globals['_UPLOADSTATUSREQUEST']._serialized_start=835
-  _globals['_UPLOADSTATUSREQUEST']._serialized_end=890
-  _globals['_UPLOADSTATUSRESPONSE']._serialized_start=892
-  _globals['_UPLOADSTATUSRESPONSE']._serialized_end=948
-  _globals['_UPLOADHEADER']._serialized_start=950
-  _globals['_UPLOADHEADER']._serialized_end=1066
-  _globals['_UPLOADCHUNK']._serialized_start=1068
-  _globals['_UPLOADCHUNK']._serialized_end=1148
-  _globals['_UPLOADRESPONSE']._serialized_start=1150
-  _globals['_UPLOADRESPONSE']._serialized_end=1240
-  _globals['_COMPLETEUNITREQUEST']._serialized_start=1242
-  _globals['_COMPLETEUNITREQUEST']._serialized_end=1297
-  _globals['_COMPLETEUNITRESPONSE']._serialized_start=1299
-  _globals['_COMPLETEUNITRESPONSE']._serialized_end=1339
-  _globals['_FAILUNITREQUEST']._serialized_start=1341
-  _globals['_FAILUNITREQUEST']._serialized_end=1391
-  _globals['_FAILUNITRESPONSE']._serialized_start=1393
-  _globals['_FAILUNITRESPONSE']._serialized_end=1411
-  _globals['_FETCHREQUEST']._serialized_start=1413
-  _globals['_FETCHREQUEST']._serialized_end=1459
-  _globals['_WORKERSERVICE']._serialized_start=1462
-  _globals['_WORKERSERVICE']._serialized_end=2131
+  _globals['_REGISTERREQUEST']._serialized_end=160
+  _globals['_REGISTERRESPONSE']._serialized_start=162
+  _globals['_REGISTERRESPONSE']._serialized_end=277
+  _globals['_ACQUIREUNITREQUEST']._serialized_start=279
+  _globals['_ACQUIREUNITREQUEST']._serialized_end=299
+  _globals['_ASSIGNMENT']._serialized_start=302
+  _globals['_ASSIGNMENT']._serialized_end=561
+  _globals['_NOWORK']._serialized_start=563
+  _globals['_NOWORK']._serialized_end=612
+  _globals['_ACQUIREUNITRESPONSE']._serialized_start=614
+  _globals['_ACQUIREUNITRESPONSE']._serialized_end=728
+  _globals['_HEARTBEATREQUEST']._serialized_start=730
+  _globals['_HEARTBEATREQUEST']._serialized_end=816
+  _globals['_HEARTBEATRESPONSE']._serialized_start=818
+  _globals['_HEARTBEATRESPONSE']._serialized_end=874
+  _globals['_UPLOADSTATUSREQUEST']._serialized_start=876
+  _globals['_UPLOADSTATUSREQUEST']._serialized_end=931
+  _globals['_UPLOADSTATUSRESPONSE']._serialized_start=933
+  _globals['_UPLOADSTATUSRESPONSE']._serialized_end=989
+  _globals['_UPLOADHEADER']._serialized_start=991
+  _globals['_UPLOADHEADER']._serialized_end=1107
+  _globals['_UPLOADCHUNK']._serialized_start=1109
+  _globals['_UPLOADCHUNK']._serialized_end=1189
+  _globals['_UPLOADRESPONSE']._serialized_start=1191
+  _globals['_UPLOADRESPONSE']._serialized_end=1281
+  _globals['_COMPLETEUNITREQUEST']._serialized_start=1283
+  _globals['_COMPLETEUNITREQUEST']._serialized_end=1338
+  _globals['_COMPLETEUNITRESPONSE']._serialized_start=1340
+  _globals['_COMPLETEUNITRESPONSE']._serialized_end=1380
+  _globals['_FAILUNITREQUEST']._serialized_start=1382
+  _globals['_FAILUNITREQUEST']._serialized_end=1432
+  _globals['_FAILUNITRESPONSE']._serialized_start=1434
+  _globals['_FAILUNITRESPONSE']._serialized_end=1452
+  _globals['_FETCHREQUEST']._serialized_start=1454
+  _globals['_FETCHREQUEST']._serialized_end=1500
+  _globals['_WORKERSERVICE']._serialized_start=1503
+  _globals['_WORKERSERVICE']._serialized_end=2172
 # @@protoc_insertion_point(module_scope)

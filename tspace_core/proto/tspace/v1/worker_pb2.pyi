@@ -8,28 +8,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("token", "public_key", "device", "hostname")
+    __slots__ = ("token", "public_key", "device", "hostname", "csr")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CSR_FIELD_NUMBER: _ClassVar[int]
     token: str
     public_key: bytes
     device: str
     hostname: str
-    def __init__(self, token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+    csr: bytes
+    def __init__(self, token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., csr: _Optional[bytes] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("worker_id", "credential", "site", "key_id")
+    __slots__ = ("worker_id", "credential", "site", "key_id", "client_certificate")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     credential: str
     site: str
     key_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., credential: _Optional[str] = ..., site: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
+    client_certificate: bytes
+    def __init__(self, worker_id: _Optional[str] = ..., credential: _Optional[str] = ..., site: _Optional[str] = ..., key_id: _Optional[str] = ..., client_certificate: _Optional[bytes] = ...) -> None: ...
 
 class AcquireUnitRequest(_message.Message):
     __slots__ = ()
