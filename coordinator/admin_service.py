@@ -28,6 +28,7 @@ MAX_LISTED = 10_000
 MAX_SPEC_BYTES = 256 * 1024
 MAX_TOKEN_TTL_S = 30 * 24 * 3600.0
 STATUS_EVENTS = 20
+MAX_STATUS_INTERVAL_S = 3600.0
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
@@ -258,6 +259,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     @handles_errors
     def Status(self, request, context):
         self.state.require_admin(context)
+        if not 0 <= request.interval_s <= MAX_STATUS_INTERVAL_S:  # NaN fails this too
+            abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"interval_s must be in [0, {MAX_STATUS_INTERVAL_S:g}] seconds",
+            )
         interval = max(request.interval_s, 0.1) if request.interval_s > 0 else 0.0
         while True:
             yield self.snapshot()

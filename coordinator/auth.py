@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from coordinator.config import hash_secret
+from coordinator.limits import text_problem
 from coordinator.state import CoordinatorState, abort, metadata
 from tspace_core.catalogue.records import WorkerRecord
 from tspace_core.proto.tspace.v1 import admin_pb2, worker_pb2
@@ -129,9 +130,14 @@ def _guarded(
 ) -> grpc.RpcMethodHandler:
     """`handler` with `check` run first; its behaviour gets a CallerContext."""
 
+    unary_request = handler.unary_unary is not None or handler.unary_stream is not None
+
     def wrap(behaviour: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-            return behaviour(request, CallerContext(context, check(context)))
+            caller = check(context)
+            if unary_request and (problem := text_problem(request)):
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+            return behaviour(request, CallerContext(context, caller))
 
         return guarded
 

@@ -47,11 +47,21 @@ def create_job(
     """Record a job (idempotent for the same spec); its spec_json holds the resolved job and the
     dataset manifest workers rebuild their data from."""
     job = parse_job(spec_toml, base_dir)
+    held = set(blobs.digests())
     shards, manifest = store_dataset(job, blobs)
     spec_json = json.dumps({**job.to_json(), "dataset": manifest}, sort_keys=True)
-    record = catalogue.create_job(
-        job.spec.name, job.hash, spec_json, job.units, job.spec.training.steps, shards, now
-    )
+    try:
+        record = catalogue.create_job(
+            job.spec.name, job.hash, spec_json, job.units, job.spec.training.steps, shards, now
+        )
+    except BaseException:
+        # A refused job (e.g. its name taken by another spec) leaves no shards behind; blobs
+        # that were here before, or that another job recorded meanwhile, stay.
+        recorded = {s.sha256 for j in catalogue.list_jobs() for s in j.shards}
+        for shard in shards:
+            if shard.sha256 not in held and shard.sha256 not in recorded:
+                blobs.remove(shard.sha256)
+        raise
     catalogue.add_event(
         "job_created", f"job {job.spec.name} with {len(job.units)} units", now, job=job.spec.name
     )

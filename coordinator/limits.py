@@ -8,10 +8,12 @@ import functools
 import json
 import math
 import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
 import torch
+from google.protobuf.message import Message
 
 from coordinator.state import abort
 from tspace_core.errors import TspaceError
@@ -25,7 +27,7 @@ TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 MAX_LABEL = 256  # device and hostname a worker reports
 MAX_ERROR = 4096  # a failure message a worker reports
 MAX_OFFSET = 2**62
-MAX_STEP = 2**53
+MAX_STEP = 2**31 - 1  # the catalogue keeps steps in 32-bit INTEGER columns
 MAX_RATE = 1e12  # images/s no machine reaches
 
 # A checkpoint holds the weights, their EMA and two Adam moments: four float32 copies of the
@@ -75,6 +77,36 @@ def rate_field(context: grpc.ServicerContext, value: float, name: str) -> float:
     if not (math.isfinite(value) and 0 <= value <= MAX_RATE):
         _invalid(context, f"{name} is {value}; it must be a finite number in [0, {MAX_RATE:g}]")
     return value
+
+
+MAX_STRING = 2**20  # longer than any string field needs (a job spec is capped far lower)
+
+
+def text_problem(message: Message) -> str | None:
+    """Why a request's strings are unusable, or None: no string anywhere in it (nested
+    messages, lists and maps included) may hold a NUL character, which PostgreSQL cannot
+    store, or be longer than MAX_STRING."""
+    for text in _strings(message):
+        if "\x00" in text:
+            return "text fields must not contain NUL characters"
+        if len(text) > MAX_STRING:
+            return f"a text field is longer than {MAX_STRING} characters"
+    return None
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Message):
+        for _, field_value in value.ListFields():
+            yield from _strings(field_value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif not isinstance(value, bytes | int | float) and hasattr(value, "__iter__"):
+        for item in value:  # a repeated field
+            yield from _strings(item)
 
 
 def loss_value(value: float) -> float:

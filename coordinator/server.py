@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from concurrent import futures
@@ -27,8 +28,9 @@ from coordinator.metrics import (
     MetricsServer,
     split_listen,
 )
-from coordinator.state import CoordinatorState
+from coordinator.state import CoordinatorState, found
 from coordinator.worker_service import WorkerService
+from tspace_core.catalogue.records import LEASE_ACTIVE
 from tspace_core.errors import TspaceError
 from tspace_core.fsio import atomic_write_bytes
 from tspace_core.proto.tspace.v1 import admin_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -116,6 +118,8 @@ class Coordinator:
         self._reaper = threading.Thread(target=self._reap, name="lease-reaper", daemon=True)
 
     def start(self) -> Coordinator:
+        if removed := self.state.blobs.remove_temporaries():
+            log.info("removed %d temporary upload file(s) left by an earlier run", removed)
         self.server.start()
         if self.enrol_server is not None:
             self.enrol_server.start()
@@ -132,8 +136,20 @@ class Coordinator:
                 expired = self.state.catalogue.expire_leases(self.state.clock(), cfg.max_attempts)
                 for lease in expired:
                     log.info("lease %s of unit %s expired", lease.lease_id, lease.unit)
+                self._sweep_partial_uploads()
             except Exception:  # the reaper must outlive a passing database error
                 log.exception("lease check failed; retrying")
+
+    def _sweep_partial_uploads(self) -> None:
+        """Drop the partial uploads of leases that ended (expired, failed, cancelled, done):
+        an upload is keyed by its lease, so no one can resume them any more."""
+        blobs, catalogue = self.state.blobs, self.state.catalogue
+        for key in blobs.partial_keys():
+            lease_id = key.split(".", 1)[0]
+            lease = found(functools.partial(catalogue.get_lease, lease_id))
+            if lease is None or lease.status != LEASE_ACTIVE:
+                blobs.discard(key)
+                log.info("dropped the partial upload %s: its lease ended", key)
 
     def stop(self, grace: float = 2.0) -> None:
         self._stop.set()

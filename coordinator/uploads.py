@@ -274,7 +274,9 @@ def _record(
     try:
         meta = read_meta(path)  # type: ignore[arg-type]
     except CheckpointError as exc:
-        abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"not a tspace checkpoint: {exc}")
+        # The coordinator's own paths are none of the uploader's business.
+        reason = str(exc).replace(str(path), "the upload")
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"not a tspace checkpoint: {reason}")
     if (meta.get("job"), meta.get("unit"), meta.get("step")) != (
         statement.job,
         statement.unit,

@@ -158,6 +158,28 @@ class BlobStore:
         with self._lock:
             self._part(key).unlink(missing_ok=True)
 
+    def digests(self) -> list[str]:
+        """The digests of every blob in the store."""
+        return sorted(p.name for p in self.objects.glob("*/*") if _SHA256.fullmatch(p.name))
+
+    def remove(self, sha256: str) -> None:
+        """Delete a blob (no error if it is not there)."""
+        with self._lock:
+            self.path(sha256).unlink(missing_ok=True)
+
+    def partial_keys(self) -> list[str]:
+        """The keys of the partial uploads held now."""
+        return sorted(p.name[: -len(".part")] for p in self.uploads.glob("*.part"))
+
+    def remove_temporaries(self) -> int:
+        """Delete temporary files a crash left behind (only safe while nothing writes here);
+        returns how many there were."""
+        removed = 0
+        for tmp in self.uploads.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     # -- internals ----------------------------------------------------------------------------
 
     def _existing(self, sha256: str) -> Path:

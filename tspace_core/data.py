@@ -224,7 +224,7 @@ def _probe(files: Sequence[Path], resize: int | None) -> list[str]:
             with Image.open(path) as img:
                 modes.append(img.mode)
                 size = img.size
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
             raise DataError(f"cannot read image {path}: {exc}") from exc
         if first_size is None:
             first_size = size
@@ -254,7 +254,7 @@ def load_image_folder(
         try:
             with Image.open(file) as img:
                 imgs.append(_finish(img, resize, mode).copy())
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
             raise DataError(f"cannot read image {file}: {exc}") from exc
     label_tensor = torch.tensor(labels, dtype=torch.int64) if classes else None
     return ImageDataset(_stack(imgs), label_tensor, len(classes), root.resolve().name)

@@ -588,6 +588,28 @@ def test_truncated_upload_resumes_from_the_received_offset(
     assert len(coord.catalogue.list_checkpoints()) == 1
 
 
+def test_partial_uploads_of_ended_leases_and_crash_leftovers_are_removed(
+    coord: Harness, checkpoints: CheckpointMaker
+) -> None:
+    worker, a = leased(coord)
+    data = checkpoints.path(a, 2).read_bytes()
+    header = coord.signed_header(a, worker, data, 2)
+    with pytest.raises(grpc.RpcError):
+        coord.upload(worker, header, coord.chunks(data[:CHUNK_BYTES]))
+    assert [p.name for p in coord.partials()] == [f"{a.lease_id}.{header.sha256}.part"]
+    time.sleep(coord.config.lease_check_interval_s + 0.5)
+    assert len(coord.partials()) == 1  # the lease is active: the upload may still resume
+    request = worker_pb2.FailUnitRequest(lease_id=a.lease_id, error="preempted")
+    coord.worker.FailUnit(request, metadata=worker.metadata, timeout=TIMEOUT_S)
+    # Keyed by a lease that ended, nobody can resume it: the reaper drops it.
+    wait_until(lambda: coord.partials() == [], coord.config.lease_check_interval_s + 5)
+    # A temporary file a crash left behind goes when the coordinator starts again.
+    leftover = coord.blobs / "uploads" / "0123abcd.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    coord.restart()
+    assert not leftover.exists()
+
+
 # --- 6. completing a unit ---
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import zlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -114,7 +116,7 @@ def test_numbers_out_of_range_are_refused_and_a_diverged_loss_is_kept(coord: Har
     before = coord.snapshot()
     bad = [
         ({"step": -1}, "step is -1"),
-        ({"step": 2**62}, "step is"),
+        ({"step": 2**31}, "step is 2147483648"),
         ({"images_per_s": math.nan}, "images_per_s is nan"),
         ({"images_per_s": math.inf}, "images_per_s is inf"),
         ({"images_per_s": -5.0}, "images_per_s is -5.0"),
@@ -282,3 +284,72 @@ def test_a_worker_refuses_names_from_the_coordinator_that_would_be_paths() -> No
     for assignment, man in cases:
         with pytest.raises(TspaceError, match="coordinator sent"):
             check_names(assignment, man)
+
+
+def test_admin_requests_with_unstorable_text_or_endless_intervals_are_refused(
+    coord: Harness,
+) -> None:
+    coord.create_job()
+    before = coord.snapshot()
+    admin = coord.admin_metadata
+    # PostgreSQL cannot store or even compare NUL characters: refused on every database alike.
+    refused(
+        INVALID,
+        "must not contain NUL",
+        lambda: coord.admin.ListUnits(
+            admin_pb2.ListUnitsRequest(job="tiny\x00"), metadata=admin, timeout=TIMEOUT_S
+        ),
+    )
+    for interval in (1e9, math.inf, math.nan, -1.0):
+        refused(
+            INVALID,
+            "interval_s must be in [0, 3600]",
+            lambda interval=interval: list(
+                coord.admin.Status(
+                    admin_pb2.StatusRequest(interval_s=interval), metadata=admin, timeout=5
+                )
+            ),
+        )
+    assert coord.snapshot() == before
+
+
+def test_a_refused_job_leaves_no_shards_and_an_image_bomb_is_refused(
+    coord: Harness, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    coord.create_job()
+    before = coord.snapshot()
+    # The same name with another spec is refused after its data was packed: the shards go.
+    other = coord.job_toml().replace("[data]", "[data]\nshards = 3")
+    refused(
+        grpc.StatusCode.ALREADY_EXISTS,
+        "tiny",
+        lambda: coord.admin.CreateJob(
+            admin_pb2.CreateJobRequest(spec_toml=other),
+            metadata=coord.admin_metadata,
+            timeout=120,
+        ),
+    )
+    assert coord.snapshot() == before
+    # An image whose header claims ten billion pixels is refused, not decoded.
+    folder = tmp_path / "bomb"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("L", (8, 8)).save(folder / f"ok{i}.png")
+    png = (folder / "ok0.png").read_bytes()
+    at = png.index(b"IHDR")  # width, height, then 5 more bytes; its CRC must still match
+    ihdr = (100_000).to_bytes(4, "big") * 2 + png[at + 12 : at + 17]
+    crc = zlib.crc32(b"IHDR" + ihdr).to_bytes(4, "big")
+    (folder / "bomb.png").write_bytes(png[: at + 4] + ihdr + crc + png[at + 21 :])
+    spec = coord.job_toml("bomb").replace('source = "digits"', f'source = "{folder}"')
+    refused(
+        INVALID,
+        "could be decompression bomb",
+        lambda: coord.admin.CreateJob(
+            admin_pb2.CreateJobRequest(spec_toml=spec),
+            metadata=coord.admin_metadata,
+            timeout=120,
+        ),
+    )
+    assert coord.snapshot() == before
