@@ -26,10 +26,10 @@ from coordinator.config import (
 from coordinator.server import Coordinator, serve
 from coordinator.state import CoordinatorState
 from tspace_core import tls
-from tspace_core.catalogue import sqlite_url
+from tspace_core.catalogue import Catalogue, sqlite_url
 from tspace_core.proto.tspace.v1 import admin_pb2, admin_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tspace_core.rpc import ADMIN_HEADER, CREDENTIAL_HEADER, ChannelSecurity, open_channel
-from tspace_core.signing import generate_key, public_key_bytes
+from tspace_core.signing import generate_key, public_key_bytes, public_key_pem
 
 OPENSSL = "openssl"
 TIMEOUT_S = 30.0
@@ -383,6 +383,26 @@ def test_a_site_trains_through_a_mutual_tls_coordinator(
         )
         assert listed.returncode == 0, listed.stderr
         assert "tiny:final" in listed.stdout
+        # OpenSSL, knowing nothing of tspace, checks a registered statement's signature with
+        # the worker's public key as PEM.
+        catalogue = Catalogue(load_config(folder).catalogue_url)
+        try:
+            record = catalogue.list_checkpoints("tiny")[0]
+        finally:
+            catalogue.close()
+        (tmp_path / "worker.pub.pem").write_bytes(public_key_pem(record.public_key))
+        (tmp_path / "statement.json").write_bytes(record.statement)
+        (tmp_path / "statement.sig").write_bytes(record.signature)
+        verify = ["pkeyutl", "-verify", "-pubin", "-inkey", tmp_path / "worker.pub.pem", "-rawin"]
+        checked = openssl(
+            *verify, "-in", tmp_path / "statement.json", "-sigfile", tmp_path / "statement.sig"
+        )
+        assert checked.returncode == 0 and b"Signature Verified Successfully" in checked.stdout
+        (tmp_path / "statement.json").write_bytes(record.statement.replace(b'"step":', b'"step":1'))
+        forged = openssl(
+            *verify, "-in", tmp_path / "statement.json", "-sigfile", tmp_path / "statement.sig"
+        )
+        assert forged.returncode != 0
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
