@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import hmac
 import inspect
@@ -40,6 +41,25 @@ CATALOGUE_CODES = {
 }
 
 
+class SteadyClock:
+    """The coordinator's clock: Unix seconds when it starts, then advancing with the monotonic
+    clock. Leases expire by it, so stepping the host's wall clock (NTP, a VM resumed, an
+    operator's `date -s`) neither expires every lease at once nor keeps dead ones alive. It is
+    read from the wall clock again only when the coordinator restarts. Workers' clocks play no
+    part: the coordinator sets every deadline."""
+
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._monotonic = monotonic
+        self._origin = wall() - monotonic()
+
+    def __call__(self) -> float:
+        return self._origin + self._monotonic()
+
+
 @dataclass
 class CoordinatorState:
     """The coordinator's resources; `clock` is the only source of time for leases."""
@@ -49,7 +69,7 @@ class CoordinatorState:
     catalogue: Catalogue
     blobs: BlobStore
     admin_credential_hash: str
-    clock: Callable[[], float] = field(default=time.time)
+    clock: Callable[[], float] = field(default_factory=SteadyClock)
     # The CA that signs workers' client certificates at registration; None without TLS.
     tls_ca: Issued | None = None
     client_certs: bool = False  # mutual TLS: registration must bring a CSR
@@ -139,6 +159,8 @@ def handles_errors(method: F) -> F:
                 yield from method(self, request, context)
             except TspaceError as exc:
                 abort(context, _status_of(exc), str(exc))
+            except OSError as exc:
+                _storage_full(context, exc)
 
         return stream  # type: ignore[return-value]
 
@@ -148,8 +170,23 @@ def handles_errors(method: F) -> F:
             return method(self, request, context)
         except TspaceError as exc:
             abort(context, _status_of(exc), str(exc))
+        except OSError as exc:
+            _storage_full(context, exc)
 
     return unary  # type: ignore[return-value]
+
+
+def _storage_full(context: grpc.ServicerContext, exc: OSError) -> NoReturn:
+    """A full disk is the operator's to fix and the caller's to retry: RESOURCE_EXHAUSTED
+    (which clients retry with backoff); any other OSError stays an internal error."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise exc
+    abort(
+        context,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "the coordinator's storage is full; the call can be retried once space is freed "
+        "(an upload resumes where it stopped)",
+    )
 
 
 def owned_lease(

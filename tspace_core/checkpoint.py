@@ -51,9 +51,25 @@ def save_checkpoint(
 ) -> str:
     """Write `tensors` and JSON `meta` to `path` atomically; return the file's SHA-256 (hex)."""
     header = {"format": FORMAT, "meta": json.dumps(dict(meta), sort_keys=True)}
-    data = safetensors.torch.save(_saveable(tensors), metadata=header)
+    data = canonical_header(safetensors.torch.save(_saveable(tensors), metadata=header))
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def canonical_header(data: bytes) -> bytes:
+    """The safetensors bytes with their JSON header rewritten with sorted keys and no spaces.
+
+    safetensors writes the metadata map in an order that differs from process to process, so
+    the same tensors and metadata could give different bytes, and digests. Rewritten this way,
+    equal training gives equal files (a retrained checkpoint is recognised by its digest). Data
+    offsets in the header are relative to the end of the header, so the tensor bytes stay as
+    they are; the header is padded with spaces to a multiple of 8 bytes, as safetensors does.
+    """
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
 def load_checkpoint(path: PathLike, device: str | torch.device = "cpu") -> Checkpoint:

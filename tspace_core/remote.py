@@ -43,7 +43,8 @@ def assemble(
     if untrusted:
         raise CheckpointError(
             f"unit{'s' if len(untrusted) > 1 else ''} {', '.join(map(str, untrusted))}: signed by "
-            f"a revoked worker; {record.name} cannot be sampled until they are retrained"
+            f"a revoked worker; {record.name} can never be sampled. Those units were requeued: "
+            "sample the ensemble registered when they are trained again (or register one)"
         )
     units: list[tuple[tuple[int, ...], nn.Module]] = []
     meta: dict = {}
@@ -123,6 +124,13 @@ def from_coordinator(
         except grpc.RpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.UNAVAILABLE:
-                raise TspaceError(f"the coordinator at {address} is unreachable") from None
+                hint = (
+                    "if it serves TLS, pass --ca with its CA certificate"
+                    if security is None
+                    else "if it requires client certificates, pass --client-cert and --client-key"
+                    if security.cert_pem is None
+                    else "check the address and that it is serving"
+                )
+                raise TspaceError(f"the coordinator at {address} is unreachable; {hint}") from None
             raise TspaceError(f"{exc.details()} ({code.name})") from None
     return assemble(record, paths, timesteps, alphas, device)

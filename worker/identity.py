@@ -111,7 +111,15 @@ def join(
         csr=csr,
     )
     try:
-        response = wait_for_coordinator(lambda: session.call("Register", request), "register")
+        hint = (
+            "register (if it serves TLS, pin its CA with --ca or --ca-fingerprint)"
+            if ca_pem is None
+            else "register (if it requires client certificates, register on its "
+            "registration port with --enrol HOST:PORT)"
+            if enrol_address is None
+            else "register"
+        )
+        response = wait_for_coordinator(lambda: session.call("Register", request), hint)
     finally:
         session.close()
     if ca_pem is not None:

@@ -503,7 +503,7 @@ def test_tokens_and_workers(coord: Harness, checkpoints: CheckpointMaker) -> Non
     ]
     assert not coord.catalogue.get_checkpoint(final.checkpoint.sha256).trusted
     event = coord.catalogue.events(limit=1)[0]
-    assert event.kind == "worker_revoked" and "1 done on a checkpoint it signed" in event.message
+    assert event.kind == "worker_revoked" and "1 resting on checkpoints it signed" in event.message
     assert "revoked" in cli(coord, "workers", "list").stdout
     refused(coord, "workers", "revoke", worker_id, fragment="is already revoked")
     refused(coord, "workers", "show", "nope", fragment="no worker 'nope'")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from tspace_core.catalogue.enrolment import add_event
@@ -21,7 +21,6 @@ from tspace_core.catalogue.records import (
     JOB_PAUSED,
     LEASE_ACTIVE,
     LEASE_CANCELLED,
-    LEASE_COMPLETED,
     TOKEN_EXPIRED,
     TOKEN_REVOKED,
     TOKEN_UNUSED,
@@ -334,10 +333,12 @@ def revoke_token(session: Session, token_id: str, now: float) -> TokenRecord:
 
 def revoke_worker(session: Session, worker_id: str, now: float) -> Revocation:
     """Mark the worker revoked: its credential is refused and every checkpoint it signed reads as
-    untrusted from now on. The units it was training go back to pending, and so do the done units
-    whose completion rests on a checkpoint it signed (the one their latest completed lease
-    delivered): they are trained again from their newest trusted checkpoint, with fresh attempts,
-    and a job that had ended is active again. Units of cancelled jobs stay as they are."""
+    untrusted from now on. Whatever may descend from its work is trained again: in every unit
+    where it signed a checkpoint still in use, that checkpoint and all later ones (whoever
+    signed them: they may have resumed from it) are discarded, a done unit goes back to pending
+    with fresh attempts (its job is active again), and another worker's lease on such a unit is
+    cancelled. The units it was leasing go back to pending too. The next lease resumes from the
+    newest trusted checkpoint before its first one. Units of cancelled jobs stay as they are."""
     worker = worker_row(session, worker_id)
     if worker.status == WORKER_REVOKED:
         raise CatalogueError("failed_precondition", f"worker {worker_id!r} is already revoked")
@@ -347,11 +348,11 @@ def revoke_worker(session: Session, worker_id: str, now: float) -> Revocation:
         cancel_lease(session, lease, "worker revoked", now)
         unit = session.get_one(Unit, lease.unit_id)
         training.add((session.get_one(Job, unit.job_id).name, unit.unit))
-    completed = _completed_on(session, worker_id)
-    if completed:
+    tainted = _tainted(session, worker_id)
+    if tainted:
         # Lock the jobs, as complete_unit does, so that no job is marked done meanwhile with a
         # unit about to go back to pending; then read the units again under the lock.
-        ids = sorted({unit.job_id for unit, _ in completed})
+        ids = sorted({unit.job_id for unit, _, _ in tainted})
         session.scalars(
             select(Job)
             .where(Job.id.in_(ids))
@@ -359,14 +360,29 @@ def revoke_worker(session: Session, worker_id: str, now: float) -> Revocation:
             .with_for_update()
             .execution_options(populate_existing=True)
         ).all()
-        completed = _completed_on(session, worker_id)
+        tainted = _tainted(session, worker_id)
     reopened: set[tuple[str, int]] = set()
-    for unit, job in completed:
-        unit.status, unit.attempts, unit.last_error = UNIT_PENDING, 0, ""
-        _reopen(session, job, now)
-        reopened.add((job.name, unit.unit))
+    for unit, job, first_step in tainted:
+        session.execute(
+            update(Checkpoint)
+            .where(
+                Checkpoint.unit_id == unit.id,
+                Checkpoint.step >= first_step,
+                Checkpoint.discarded.is_(False),
+            )
+            .values(discarded=True)
+        )
+        for lease in active_leases(session, job_id=job.id):
+            if lease.unit_id == unit.id:  # another worker, perhaps resumed from its checkpoint
+                cancel_lease(session, lease, f"worker {worker_id} revoked", now)
+                reopened.add((job.name, unit.unit))
+        if unit.status == UNIT_DONE:
+            unit.status, unit.attempts, unit.last_error = UNIT_PENDING, 0, ""
+            _reopen(session, job, now)
+            reopened.add((job.name, unit.unit))
+    reopened -= training
     requeued = tuple(sorted(training | reopened))
-    counts = f"{len(training)} it was training, {len(reopened)} done on a checkpoint it signed"
+    counts = f"{len(training)} it was training, {len(reopened)} resting on checkpoints it signed"
     what = (
         f"{len(requeued)} unit(s) requeued to train again ({counts}): {_unit_names(requeued)}"
         if requeued
@@ -382,38 +398,23 @@ def revoke_worker(session: Session, worker_id: str, now: float) -> Revocation:
     )
 
 
-def _completed_on(session: Session, worker_id: str) -> list[tuple[Unit, Job]]:
-    """Done units of jobs not cancelled whose latest completed lease delivered a checkpoint
-    signed by `worker_id`, by job name, then unit."""
-    latest = (
-        select(
-            Lease.unit_id,
-            Lease.checkpoint_sha256,
-            func.row_number()
-            .over(
-                partition_by=Lease.unit_id,
-                order_by=(Lease.updated_at.desc(), Lease.lease_id.desc()),
-            )
-            .label("rank"),
-        )
-        .where(Lease.status == LEASE_COMPLETED, Lease.checkpoint_sha256.is_not(None))
-        .subquery()
-    )
+def _tainted(session: Session, worker_id: str) -> list[tuple[Unit, Job, int]]:
+    """Units of jobs not cancelled holding a checkpoint signed by `worker_id` that is still in
+    use (not discarded), with the lowest step of those, by job name, then unit."""
     rows = session.execute(
-        select(Unit, Job)
+        select(Unit, Job, func.min(Checkpoint.step))
         .join(Job, Unit.job_id == Job.id)
-        .join(latest, latest.c.unit_id == Unit.id)
-        .join(Checkpoint, Checkpoint.sha256 == latest.c.checkpoint_sha256)
+        .join(Checkpoint, Checkpoint.unit_id == Unit.id)
         .where(
-            latest.c.rank == 1,
             Checkpoint.worker_id == worker_id,
-            Unit.status == UNIT_DONE,
+            Checkpoint.discarded.is_(False),
             Job.status != JOB_CANCELLED,
         )
+        .group_by(Unit.id, Job.id)
         .order_by(Job.name, Unit.unit)
         .execution_options(populate_existing=True)
     ).all()
-    return [(unit, job) for unit, job in rows]
+    return [(unit, job, int(step)) for unit, job, step in rows]
 
 
 def _unit_names(units: Iterable[tuple[str, int]]) -> str:

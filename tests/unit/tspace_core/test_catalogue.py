@@ -516,7 +516,7 @@ def test_revocation_makes_checkpoints_untrusted(cat: Catalogue) -> None:
     assert cat.newest_checkpoint("digits", 0) == theirs
     revoked = cat.revoke_worker(bad.worker_id, T0 + 1).worker
     assert revoked == cat.worker_by_credential("cred-bad") == replace(bad, status=WORKER_REVOKED)
-    assert cat.get_checkpoint(theirs.sha256) == replace(theirs, trusted=False)
+    assert cat.get_checkpoint(theirs.sha256) == replace(theirs, trusted=False, discarded=True)
     assert cat.get_checkpoint(mine.sha256) == mine
     assert not cat.get_ensemble("e").members[0].checkpoint.trusted
     assert cat.newest_checkpoint("digits", 0) == mine

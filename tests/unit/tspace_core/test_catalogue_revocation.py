@@ -92,7 +92,7 @@ def test_revoke_requeues_a_unit_completed_with_the_workers_checkpoint(cat: Catal
     event, reopened = cat.events(limit=2)
     assert (event.kind, event.worker_id) == ("worker_revoked", bad.worker_id)
     assert "1 unit(s) requeued" in event.message and "digits unit 0" in event.message
-    assert "0 it was training, 1 done on a checkpoint it signed" in event.message
+    assert "0 it was training, 1 resting on checkpoints it signed" in event.message
     assert (reopened.kind, reopened.job) == ("job_reopened", "digits")
     # It resumes from the newest trusted checkpoint, skipping the revoked worker's.
     assert cat.newest_checkpoint("digits", 0) == trusted_early
@@ -147,17 +147,18 @@ def test_revoke_names_leased_and_completed_units_once_each(cat: Catalogue) -> No
         ("other", JOB_ACTIVE),
     ]
     message = cat.events(limit=1)[0].message
-    assert "3 unit(s) requeued" in message and "1 it was training, 2 done" in message
+    assert "3 unit(s) requeued" in message and "1 it was training, 2 resting" in message
     assert "digits units 0, 1; other unit 0" in message
 
 
-def test_revoking_a_worker_that_completed_nothing_changes_no_unit(cat: Catalogue) -> None:
+def test_revoking_requeues_only_units_resting_on_its_checkpoints(cat: Catalogue) -> None:
     add_job(cat)
     add_job(cat, "gone", [[9], [5]])
     bad, good = enrol(cat, "bad"), enrol(cat, "good")
-    # It signed checkpoints, but every done unit rests on someone else's final checkpoint: one
-    # it completed was reset and completed again by another worker, and a job it completed a
-    # unit of was cancelled, which is final.
+    # It signed checkpoints, but every done unit rests on someone else's: one it completed was
+    # reset and completed again by another worker, and a job it completed a unit of was
+    # cancelled, which is final. Only unit 1, which another worker may have resumed from its
+    # checkpoint, is requeued.
     early = checkpoint(good, 0, 100)
     cat.add_checkpoint(early)
     lease = lease_of(cat, bad)
@@ -176,13 +177,13 @@ def test_revoking_a_worker_that_completed_nothing_changes_no_unit(cat: Catalogue
     before = (states(cat, "digits"), states(cat, "gone"), cat.list_jobs())
 
     revocation = cat.revoke_worker(bad.worker_id, T0 + 10)
-    assert revocation.requeued == () and revocation.checkpoints == 3
-    assert (states(cat, "digits"), states(cat, "gone"), cat.list_jobs()) == before
-    assert [u.status for u in cat.units("digits")] == [UNIT_DONE, UNIT_LEASED, UNIT_PENDING]
+    assert revocation.requeued == (("digits", 1),) and revocation.checkpoints == 3
+    assert (states(cat, "gone"), cat.list_jobs()) == before[1:]
+    assert [u.status for u in cat.units("digits")] == [UNIT_DONE, UNIT_PENDING, UNIT_PENDING]
     assert cat.get_job("gone").status == JOB_CANCELLED
-    event = cat.events(limit=1)[0]
-    assert event.kind == "worker_revoked" and event.message.endswith("no unit requeued")
-    # Its checkpoint on the pending unit 1 is no place to resume from any more.
+    event = next(e for e in cat.events(limit=5) if e.kind == "worker_revoked")
+    assert event.message.endswith("digits unit 1")
+    # Its checkpoint on unit 1 is no place to resume from any more.
     assert cat.units("digits")[1].newest_step is None
 
 
@@ -227,7 +228,8 @@ def test_a_revoked_workers_checkpoint_reproduced_is_reattributed(cat: Catalogue)
     final = checkpoint(bad, 0, 500, final=True)
     assert complete(cat, bad, lease, final, T0 + 1) == "digits:final"
     cat.revoke_worker(bad.worker_id, T0 + 2)
-    assert cat.get_checkpoint(final.sha256) == replace(final, trusted=False)
+    # Untrusted, and out of use: nothing resumes from it or from anything after it.
+    assert cat.get_checkpoint(final.sha256) == replace(final, trusted=False, discarded=True)
 
     again = lease_of(cat, good, T0 + 3)
     assert again.attempt == 1
@@ -296,7 +298,7 @@ def test_reattribution_refusals_change_nothing(cat: Catalogue) -> None:
     refused("unauthenticated", cat.add_checkpoint, replace(untrusted, created_at=T0 + 3))
     refused("invalid_argument", cat.add_checkpoint, replace(rec, key_id="bad"), match="key")
     assert (cat.list_checkpoints(), cat.events()) == before
-    assert cat.get_checkpoint(untrusted.sha256) == replace(untrusted, trusted=False)
+    assert cat.get_checkpoint(untrusted.sha256) == replace(untrusted, trusted=False, discarded=True)
 
 
 def test_a_trusted_checkpoint_keeps_its_signer(cat: Catalogue) -> None:
@@ -322,3 +324,30 @@ def test_a_requeued_unit_without_trusted_checkpoints_starts_over(cat: Catalogue)
         )
     ]
     assert cat.newest_checkpoint("digits", 0) is None
+
+
+def test_a_unit_finished_by_another_worker_from_its_checkpoint_is_trained_again(
+    cat: Catalogue,
+) -> None:
+    add_job(cat, units=[[9]])
+    bad, good = enrol(cat, "bad"), enrol(cat, "good")
+    trusted_early = checkpoint(good, 0, 100)
+    cat.add_checkpoint(trusted_early)
+    lease = lease_of(cat, bad)
+    tainted = checkpoint(bad, 0, 300)
+    cat.add_checkpoint(tainted)
+    cat.fail_lease(lease.lease_id, bad.worker_id, "preempted", T0 + 1, 3)
+    # The good worker resumes from the revoked worker's step 300 and finishes the unit.
+    resumed = lease_of(cat, good, T0 + 2)
+    assert cat.newest_checkpoint("digits", 0) == tainted
+    final_good = checkpoint(good, 0, 500, final=True)
+    assert complete(cat, good, resumed, final_good, T0 + 3) == "digits:final"
+
+    revocation = cat.revoke_worker(bad.worker_id, T0 + 10)
+    # Its final weights descend from the revoked worker's: trained again from before them.
+    assert revocation.requeued == (("digits", 0),)
+    assert states(cat) == [(UNIT_PENDING, 0, "")]
+    assert cat.get_job("digits").status == JOB_ACTIVE
+    assert cat.get_checkpoint(final_good.sha256).discarded
+    assert cat.get_checkpoint(tainted.sha256).discarded
+    assert cat.newest_checkpoint("digits", 0) == trusted_early

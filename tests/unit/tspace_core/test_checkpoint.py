@@ -369,3 +369,35 @@ def test_pack_and_unpack_are_inverse() -> None:
     assert unpack(packed, "optim") == {}
     with pytest.raises(ValueError):
         pack_training_state({"a.b": model})
+
+
+def test_equal_contents_give_equal_bytes_in_every_process(tmp_path: Path) -> None:
+    """safetensors orders its metadata differently per process; tspace's files do not differ."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from tspace_core.checkpoint import save_checkpoint\n"
+        "t = {'a': torch.arange(6.0).reshape(2, 3), 'b': torch.ones(4, dtype=torch.int64)}\n"
+        "print(save_checkpoint(sys.argv[1], t, {'job': 'j', 'unit': 0, 'step': 3}))\n"
+    )
+    digests = set()
+    for i in range(4):
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"c{i}.safetensors")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1
+    data = (tmp_path / "c0.safetensors").read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].rstrip(b" ")
+    assert header == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+    assert length % 8 == 0
+    loaded = load_checkpoint(tmp_path / "c0.safetensors")
+    assert loaded.meta == {"job": "j", "unit": 0, "step": 3}
+    assert torch.equal(loaded.tensors["a"], torch.arange(6.0).reshape(2, 3))
