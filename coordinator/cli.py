@@ -54,6 +54,7 @@ def init(
         f"CA certificate {folder / TLS_DIR / CA_CERT}, fingerprint {fingerprint}\n"
         f"next: tspace-coord serve {folder}",
         highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -151,7 +151,9 @@ class Endpoint:
 
 
 def write_endpoint(folder: Path, endpoint: Endpoint) -> None:
-    atomic_write_bytes(folder / ENDPOINT_FILE, json.dumps(asdict(endpoint), indent=2).encode())
+    atomic_write_bytes(
+        folder / ENDPOINT_FILE, json.dumps(asdict(endpoint), indent=2).encode() + b"\n"
+    )
 
 
 def read_endpoint(folder: Path) -> Endpoint | None:

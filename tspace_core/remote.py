@@ -43,8 +43,9 @@ def assemble(
     if untrusted:
         raise CheckpointError(
             f"unit{'s' if len(untrusted) > 1 else ''} {', '.join(map(str, untrusted))}: signed by "
-            f"a revoked worker; {record.name} can never be sampled. Those units were requeued: "
-            "sample the ensemble registered when they are trained again (or register one)"
+            f"a revoked worker; {record.name} cannot be sampled now. Those units were requeued: "
+            "once they are trained again, a checkpoint reproduced byte for byte is trusted again; "
+            "otherwise sample the ensemble registered then"
         )
     units: list[tuple[tuple[int, ...], nn.Module]] = []
     meta: dict = {}
