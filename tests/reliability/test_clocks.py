@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,21 +24,6 @@ from tspace_core.signing import Statement, generate_key, public_key_bytes
 
 TIMEOUT_S = 30.0
 YEARS = 10 * 365 * 24 * 3600.0
-JOB = """
-name = "clocks"
-[states]
-count = 2
-[units]
-partition = "single"
-[model]
-preset = "tiny"
-[training]
-steps = 4
-batch_size = 8
-checkpoint_every = 2
-[data]
-source = "digits"
-"""
 
 
 def test_the_steady_clock_ignores_wall_clock_steps() -> None:
@@ -72,10 +58,11 @@ def _admin(folder: Path, coordinator: Coordinator, method: str, request: object)
 
 
 def test_a_wall_clock_step_on_the_coordinator_expires_no_lease(
-    served: tuple[Path, Coordinator], monkeypatch: pytest.MonkeyPatch
+    served: tuple[Path, Coordinator], monkeypatch: pytest.MonkeyPatch, tiny_job: Any
 ) -> None:
     folder, coordinator = served
-    _admin(folder, coordinator, "CreateJob", admin_pb2.CreateJobRequest(spec_toml=JOB))
+    job = admin_pb2.CreateJobRequest(spec_toml=tiny_job("clocks", 2))
+    _admin(folder, coordinator, "CreateJob", job)
     token = _admin(folder, coordinator, "Enroll", admin_pb2.EnrollRequest(site="s")).token
     with insecure_channel(coordinator.address) as channel:
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
@@ -102,10 +89,11 @@ def test_a_wall_clock_step_on_the_coordinator_expires_no_lease(
 
 
 def test_a_worker_whose_clock_is_years_off_trains_normally(
-    served: tuple[Path, Coordinator], tmp_path: Path
+    served: tuple[Path, Coordinator], tmp_path: Path, tiny_job: Any
 ) -> None:
     folder, coordinator = served
-    _admin(folder, coordinator, "CreateJob", admin_pb2.CreateJobRequest(spec_toml=JOB))
+    job = admin_pb2.CreateJobRequest(spec_toml=tiny_job("clocks", 2))
+    _admin(folder, coordinator, "CreateJob", job)
     shifted = tmp_path / "shifted-clock"
     shifted.mkdir()
     # Python's clock is shifted; gRPC's core keeps reading the real one, so gRPC's Python layer

@@ -28,21 +28,6 @@ from tspace_core.signing import Statement, generate_key, key_id, public_key_byte
 from worker.agent import resolve_assignment
 
 TIMEOUT_S = 30.0
-JOB = """
-name = "full"
-[states]
-count = 1
-[units]
-partition = "single"
-[model]
-preset = "tiny"
-[training]
-steps = 4
-batch_size = 8
-checkpoint_every = 2
-[data]
-source = "digits"
-"""
 
 
 def _mount(where: Path, size: str) -> None:
@@ -66,7 +51,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def test_a_full_disk_refuses_the_upload_then_it_resumes(small_disk: Path, tmp_path: Path) -> None:
+def test_a_full_disk_refuses_the_upload_then_it_resumes(
+    small_disk: Path, tmp_path: Path, tiny_job: Any
+) -> None:
     folder = tmp_path / "coord"
     init_dir(folder, sqlite_url(tmp_path / "catalogue.db"))
     blobs = folder / "blobs"
@@ -79,7 +66,8 @@ def test_a_full_disk_refuses_the_upload_then_it_resumes(small_disk: Path, tmp_pa
     try:
         admin = admin_pb2_grpc.AdminServiceStub(channel)
         metadata: Any = ((ADMIN_HEADER, (folder / ADMIN_CREDENTIAL_FILE).read_text().strip()),)
-        admin.CreateJob(admin_pb2.CreateJobRequest(spec_toml=JOB), metadata=metadata, timeout=120)
+        job = admin_pb2.CreateJobRequest(spec_toml=tiny_job("full", 1))
+        admin.CreateJob(job, metadata=metadata, timeout=120)
         token = admin.Enroll(admin_pb2.EnrollRequest(site="s"), metadata=metadata, timeout=30)
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         key = generate_key()
