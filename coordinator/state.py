@@ -189,12 +189,17 @@ def _storage_full(context: grpc.ServicerContext, exc: OSError) -> NoReturn:
     )
 
 
+def check_lease_id(context: grpc.ServicerContext, lease_id: str) -> None:
+    """Abort a call whose lease id is not one the catalogue could have made."""
+    if not LEASE_ID.fullmatch(lease_id):
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, "lease_id is not a lease id")
+
+
 def owned_lease(
     state: CoordinatorState, context: grpc.ServicerContext, lease_id: str, worker: WorkerRecord
 ) -> LeaseRecord:
     """The caller's active lease `lease_id`, or the call is aborted."""
-    if not LEASE_ID.fullmatch(lease_id):
-        abort(context, grpc.StatusCode.INVALID_ARGUMENT, "lease_id is not a lease id")
+    check_lease_id(context, lease_id)
     lease = found(lambda: state.catalogue.get_lease(lease_id))
     if lease is None or lease.worker_id != worker.worker_id:
         abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {lease_id[:64]!r} held by this worker")

@@ -162,7 +162,7 @@ def receive_checkpoint(
             f"these bytes are checkpoint {header.sha256[:12]} of {existing.job} unit "
             f"{existing.unit} step {existing.step}, not what the statement says",
         )
-    if existing is not None and existing.trusted and not existing.discarded:
+    if existing is not None and existing.in_use:
         return worker_pb2.UploadResponse(
             checkpoint=serde.checkpoint_to_proto(existing), already_registered=True
         )

@@ -12,9 +12,9 @@ from coordinator.config import hash_secret, new_secret
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import choose_unit, retry_after
 from coordinator.state import (
-    LEASE_ID,
     CoordinatorState,
     abort,
+    check_lease_id,
     found,
     handles_errors,
     owned_lease,
@@ -146,8 +146,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         worker = self.state.worker(context)
         self.metrics.heartbeats.inc()
         ttl = self.state.config.lease_ttl_s
-        if not LEASE_ID.fullmatch(request.lease_id):
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "lease_id is not a lease id")
+        check_lease_id(context, request.lease_id)
         step = limits.int_field(context, request.step, "step", 0, limits.MAX_STEP)
         rate = limits.rate_field(context, request.images_per_s, "images_per_s")
         try:
@@ -172,7 +171,7 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         sha256 = limits.sha256_field(context, request.sha256)
         lease = owned_lease(self.state, context, request.lease_id, worker)
         existing = found(lambda: self.state.catalogue.get_checkpoint(sha256))
-        if existing is not None and existing.trusted and not existing.discarded:
+        if existing is not None and existing.in_use:
             return worker_pb2.UploadStatusResponse(offset=0, complete=True)
         if existing is not None:
             # The bytes are here, vouched for by nobody trusted: a signed header is all it takes.

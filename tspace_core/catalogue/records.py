@@ -131,7 +131,12 @@ class CheckpointRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     shards_seen: tuple[str, ...] = ()
     trusted: bool = True  # False once the signing worker is revoked
-    discarded: bool = False  # True once an operator reset its unit to an earlier checkpoint
+    discarded: bool = False  # True once a reset or a revocation took it out of use
+
+    @property
+    def in_use(self) -> bool:
+        """Trusted and not discarded: a point to resume from, select, or vouch for as is."""
+        return self.trusted and not self.discarded
 
 
 @dataclass(frozen=True)

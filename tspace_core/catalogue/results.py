@@ -52,7 +52,7 @@ def add_checkpoint(session: Session, rec: CheckpointRecord) -> tuple[CheckpointR
     already recorded, which only makes it current again."""
     existing = session.get(Checkpoint, rec.sha256, with_for_update=True)
     known = None if existing is None else get_checkpoint(session, rec.sha256)
-    if known is not None and known.trusted and not known.discarded:
+    if known is not None and known.in_use:
         return known, False
     unit, _ = unit_row(session, rec.job, rec.unit)
     worker = worker_row(session, rec.worker_id, active=True)

@@ -64,7 +64,7 @@ def choose_members(
         )
     best: dict[int, tuple[tuple[float, ...], str]] = {}
     for ckpt in checkpoints:
-        if not ckpt.trusted or ckpt.discarded:
+        if not ckpt.in_use:
             continue
         key = _key(kind, metric, ckpt)
         if key is None:
