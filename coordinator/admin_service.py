@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -266,12 +266,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 f"interval_s must be in [0, {MAX_STATUS_INTERVAL_S:g}] seconds",
             )
         interval = max(request.interval_s, 0.1) if request.interval_s > 0 else 0.0
+        ended = threading.Event()
+        context.add_callback(ended.set)  # the client left or the server stops: stop waiting
         while True:
             yield self.snapshot()
-            if not interval:
-                return
-            time.sleep(interval)
-            if not context.is_active():  # the client left while we slept: build nothing more
+            if not interval or ended.wait(interval) or not context.is_active():
                 return
 
     def snapshot(self) -> admin_pb2.StatusSnapshot:
