@@ -19,6 +19,7 @@ from coordinator.config import (
     read_admin_credential,
     read_endpoint,
 )
+from tspace_core.catalogue.errors import BUSY, UNREACHABLE
 from tspace_core.errors import TspaceError
 from tspace_core.proto.tspace.v1 import admin_pb2_grpc
 from tspace_core.rpc import ADMIN_HEADER, ChannelSecurity, open_channel
@@ -26,6 +27,8 @@ from tspace_core.rpc import ADMIN_HEADER, ChannelSecurity, open_channel
 CALL_TIMEOUT_S = 60.0
 # A stream re-reads every checkpoint it names; large stores take a while, but never forever.
 STREAM_TIMEOUT_S = 24 * 3600.0
+# The coordinator is up but its database is not: say so rather than "unreachable coordinator".
+CATALOGUE_TROUBLE = (UNREACHABLE, BUSY)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ def call_error(exc: grpc.RpcError, address: str, folder: Path) -> TspaceError:
     """The coordinator's own message for a refusal; a clear one for a transport failure."""
     code = exc.code() if isinstance(exc, grpc.Call) else None
     details = (exc.details() if isinstance(exc, grpc.Call) else "") or ""
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith(CATALOGUE_TROUBLE):
+        return TspaceError(f"the coordinator at {address} answered: {details}")
     if code == grpc.StatusCode.UNAVAILABLE:
         return TspaceError(
             f"the coordinator at {address} is unreachable; check that "

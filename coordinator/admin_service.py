@@ -18,6 +18,7 @@ from coordinator.state import MAX_TEXT, CoordinatorState, abort, handles_errors
 from tspace_core import serde
 from tspace_core.catalogue.operator import TOKEN_ID_LENGTH
 from tspace_core.catalogue.records import CheckpointRecord, EnsembleRecord
+from tspace_core.fsio import sha256_file
 from tspace_core.proto.tspace.v1 import admin_pb2, admin_pb2_grpc
 from tspace_core.verification import checkpoint_problems
 
@@ -184,7 +185,10 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         for index, ckpt in enumerate(checkpoints, 1):
             if not context.is_active():
                 return
-            problems = checkpoint_problems(ckpt, self.state.blobs.path(ckpt.sha256))
+            path = self.state.blobs.path(ckpt.sha256)
+            problems = checkpoint_problems(ckpt, path)
+            if ckpt.corrupt or (problems and path.is_file()):  # hashed again only then
+                problems += self._corruption(ckpt, path)
             if problems:
                 self.state.catalogue.add_event(
                     "checkpoint_unverified",
@@ -201,6 +205,24 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 index=index,
                 total=len(checkpoints),
             )
+
+    def _corruption(self, ckpt: CheckpointRecord, path: Path) -> list[str]:
+        """What finding the checkpoint's file corrupt did, marking it so if it is (and was not
+        before); nothing when the file matches its digest."""
+        if ckpt.corrupt:
+            return ["marked corrupt when its file failed its digest; no longer handed out"]
+        actual = sha256_file(path)
+        if actual == ckpt.sha256:
+            return []
+        marked = self.state.catalogue.mark_corrupt(
+            ckpt.sha256, f"its content hashes to {actual[:12]}", self.state.clock()
+        )
+        then = (
+            f"unit {ckpt.unit} was done with it and is requeued to train again"
+            if marked.requeued
+            else "no longer handed out"
+        )
+        return [f"marked corrupt: {then}"]
 
     def _checkpoints(self, request: Any, refs: Sequence[str] = ()) -> list[CheckpointRecord]:
         """The checkpoints named by digest (prefixes) in `refs`, else those of the request's

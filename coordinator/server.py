@@ -30,6 +30,7 @@ from coordinator.metrics import (
 )
 from coordinator.state import CoordinatorState, found
 from coordinator.worker_service import WorkerService
+from tspace_core.catalogue import CatalogueError
 from tspace_core.catalogue.records import LEASE_ACTIVE
 from tspace_core.errors import TspaceError
 from tspace_core.fsio import atomic_write_bytes
@@ -120,6 +121,15 @@ class Coordinator:
     def start(self) -> Coordinator:
         if removed := self.state.blobs.remove_temporaries():
             log.info("removed %d temporary upload file(s) left by an earlier run", removed)
+        # Nothing could heartbeat while no coordinator ran: leases whose expiry passed meanwhile
+        # belong to workers that may have trained on, so each gets one TTL to check in.
+        cfg = self.state.config
+        if extended := self.state.catalogue.grant_grace(self.state.clock() + cfg.lease_ttl_s):
+            log.info(
+                "gave %d active lease(s) %.0f s to check in after the restart",
+                extended,
+                cfg.lease_ttl_s,
+            )
         self.server.start()
         if self.enrol_server is not None:
             self.enrol_server.start()
@@ -130,13 +140,22 @@ class Coordinator:
         return self
 
     def _reap(self) -> None:
-        cfg = self.state.config
+        cfg, catalogue = self.state.config, self.state.catalogue
+        cut_off = False  # whether the database was out of reach at the last check
         while not self._stop.wait(cfg.lease_check_interval_s):
             try:
-                expired = self.state.catalogue.expire_leases(self.state.clock(), cfg.max_attempts)
+                if cut_off:
+                    # No heartbeat could be recorded while the database was away, so, as after
+                    # a restart, each lease gets one TTL to check in before any expires.
+                    catalogue.grant_grace(self.state.clock() + cfg.lease_ttl_s)
+                    cut_off = False
+                expired = catalogue.expire_leases(self.state.clock(), cfg.max_attempts)
                 for lease in expired:
                     log.info("lease %s of unit %s expired", lease.lease_id, lease.unit)
                 self._sweep_partial_uploads()
+            except CatalogueError as exc:  # the database stayed unreachable; no traceback
+                cut_off = cut_off or exc.code == "unavailable"
+                log.warning("lease check failed: %s", exc)
             except Exception:  # the reaper must outlive a passing database error
                 log.exception("lease check failed; retrying")
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hmac
 import inspect
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
@@ -38,6 +39,8 @@ CATALOGUE_CODES = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    # The database stayed unreachable through the catalogue's retries; clients retry this.
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -98,7 +101,9 @@ class CoordinatorState:
         credential = metadata(context).get(CREDENTIAL_HEADER)
         if not credential:
             abort(context, grpc.StatusCode.UNAUTHENTICATED, "no worker credential; register first")
-        record = self.catalogue.worker_by_credential(hash_secret(credential))
+        # Called by the auth interceptor, outside any handler's handles_errors.
+        with catalogue_errors(context):
+            record = self.catalogue.worker_by_credential(hash_secret(credential))
         if record is None:
             abort(
                 context,
@@ -109,7 +114,8 @@ class CoordinatorState:
             abort(
                 context, grpc.StatusCode.PERMISSION_DENIED, f"worker {record.worker_id} is revoked"
             )
-        self.catalogue.touch_worker(record.worker_id, self.clock())
+        with catalogue_errors(context):
+            self.catalogue.touch_worker(record.worker_id, self.clock())
         return record
 
     def is_admin(self, context: grpc.ServicerContext) -> bool:
@@ -144,6 +150,15 @@ def _status_of(exc: TspaceError) -> grpc.StatusCode:
             grpc.StatusCode.DATA_LOSS if "digest" in str(exc) else grpc.StatusCode.INVALID_ARGUMENT
         )
     return grpc.StatusCode.INVALID_ARGUMENT
+
+
+@contextlib.contextmanager
+def catalogue_errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """Abort the call with the status and message of a CatalogueError raised inside."""
+    try:
+        yield
+    except CatalogueError as exc:
+        abort(context, _status_of(exc), str(exc))
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -166,7 +166,7 @@ def receive_checkpoint(
         return worker_pb2.UploadResponse(
             checkpoint=serde.checkpoint_to_proto(existing), already_registered=True
         )
-    if existing is not None:
+    if existing is not None and not existing.corrupt:  # corrupt bytes must come again
         return _vouch(state, context, lease, worker, statement, header, chunks, check)
     key = upload_key(lease, header.sha256)
     received = _receive_data(state, context, key, header, chunks, check)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import NoReturn
 
 import grpc
 
@@ -22,12 +23,14 @@ from coordinator.state import (
 )
 from coordinator.uploads import UploadCheck, receive_checkpoint
 from tspace_core import serde, tls
+from tspace_core.blobs import CorruptBlob
 from tspace_core.catalogue import CatalogueError
 from tspace_core.catalogue.records import (
     JOB_ACTIVE,
     JOB_PAUSED,
     UNIT_LEASED,
     UNIT_PENDING,
+    CorruptCheckpoint,
     LeaseRecord,
 )
 from tspace_core.proto.tspace.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -173,9 +176,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         existing = found(lambda: self.state.catalogue.get_checkpoint(sha256))
         if existing is not None and existing.in_use:
             return worker_pb2.UploadStatusResponse(offset=0, complete=True)
-        if existing is not None:
+        if existing is not None and not existing.corrupt:
             # The bytes are here, vouched for by nobody trusted: a signed header is all it takes.
             return worker_pb2.UploadStatusResponse(offset=existing.size, complete=False)
+        # A new checkpoint, or one whose stored bytes are corrupt: the bytes must come again.
         offset = self.state.blobs.upload_offset(upload_key(lease, sha256))
         return worker_pb2.UploadStatusResponse(offset=offset, complete=False)
 
@@ -225,11 +229,32 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
 
     @handles_errors
     def FetchCheckpoint(self, request, context):
-        self._fetcher(context)
+        fetcher = self._fetcher(context)
         sha256 = limits.sha256_field(context, request.sha256)
-        if found(lambda: self.state.catalogue.get_checkpoint(sha256)) is None:
+        record = found(lambda: self.state.catalogue.get_checkpoint(sha256))
+        if record is None:
             abort(context, grpc.StatusCode.NOT_FOUND, f"no checkpoint {sha256}")
-        yield from self._stream(context, sha256, request.offset)
+        if record.corrupt:  # found before: not read (nor sent) again
+            self._refuse_corrupt(context, sha256, fetcher, None)
+        try:
+            yield from self._stream(context, sha256, request.offset)
+        except CorruptBlob as exc:
+            self._refuse_corrupt(context, sha256, fetcher, exc)
+
+    def _refuse_corrupt(
+        self,
+        context: grpc.ServicerContext,
+        sha256: str,
+        fetcher: str | None,
+        exc: CorruptBlob | None,
+    ) -> NoReturn:
+        """Mark the checkpoint corrupt (a worker resuming from it gives its lease back) and
+        answer DATA_LOSS, saying what happens next."""
+        problem = (
+            "found corrupt before" if exc is None else f"its content hashes to {exc.actual[:12]}"
+        )
+        marked = self.state.catalogue.mark_corrupt(sha256, problem, self.state.clock(), fetcher)
+        abort(context, grpc.StatusCode.DATA_LOSS, corrupt_message(marked))
 
     @handles_errors
     def FetchShard(self, request, context):
@@ -238,17 +263,50 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         shards = {s.sha256 for j in self.state.catalogue.list_jobs() for s in j.shards}
         if sha256 not in shards:
             abort(context, grpc.StatusCode.NOT_FOUND, f"no shard {sha256}")
-        yield from self._stream(context, sha256, request.offset)
+        try:
+            yield from self._stream(context, sha256, request.offset)
+        except CorruptBlob as exc:
+            abort(context, grpc.StatusCode.DATA_LOSS, f"data shard {exc}; tell the operator")
 
-    def _fetcher(self, context: grpc.ServicerContext) -> None:
-        """Workers and the admin (sampling from a coordinator) may fetch."""
-        if not self.state.is_admin(context):
-            self.state.worker(context)
+    def _fetcher(self, context: grpc.ServicerContext) -> str | None:
+        """Workers and the admin (sampling from a coordinator) may fetch; the worker's id, or
+        None for the admin."""
+        if self.state.is_admin(context):
+            return None
+        return self.state.worker(context).worker_id
 
     def _stream(
         self, context: grpc.ServicerContext, sha256: str, offset: int
     ) -> Iterator[common_pb2.DataChunk]:
+        """The blob from `offset`, checked against its digest as it is read (CorruptBlob on a
+        mismatch, before its last chunk is sent)."""
         position = limits.int_field(context, offset, "offset", 0, limits.MAX_OFFSET)
-        for chunk in self.state.blobs.read_chunks(sha256, position, CHUNK_BYTES):
+        for chunk in self.state.blobs.read_verified(sha256, position, CHUNK_BYTES):
             yield common_pb2.DataChunk(offset=position, data=chunk)
             position += len(chunk)
+
+
+def corrupt_message(marked: CorruptCheckpoint) -> str:
+    """Why a corrupt checkpoint is refused, and what happens next, for whoever asked for it."""
+    ckpt = marked.checkpoint
+    what = (
+        f"checkpoint {ckpt.sha256[:12]} ({ckpt.job} unit {ckpt.unit} step {ckpt.step}) is "
+        "corrupt on the coordinator's disk and no longer handed out"
+    )
+    unit = f"unit {ckpt.unit} of {ckpt.job}"
+    if marked.cancelled:
+        then = (
+            f"this lease is cancelled without counting an attempt; {unit} resumes from an "
+            "older good checkpoint"
+        )
+    elif marked.requeued:
+        then = (
+            f"{unit} was requeued to train again; once the job is done again, use its new "
+            "final ensemble"
+        )
+    else:
+        then = (
+            f"an ensemble holding it cannot be sampled; use one registered after {unit} is "
+            "trained again"
+        )
+    return f"{what}: {then}"

@@ -18,6 +18,16 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _UPLOAD_KEY = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
 
+class CorruptBlob(BlobError):
+    """A blob's bytes on disk no longer hash to its name."""
+
+    def __init__(self, sha256: str, actual: str) -> None:
+        super().__init__(
+            f"blob {sha256[:12]} is corrupt on disk: its content hashes to {actual[:12]}"
+        )
+        self.sha256, self.actual = sha256, actual
+
+
 class BlobStore:
     """Blobs at `root/objects/<sha[:2]>/<sha>`; partial uploads at `root/uploads/<key>.part`.
 
@@ -72,13 +82,15 @@ class BlobStore:
         self, sha256: str, offset: int = 0, chunk_size: int = CHUNK_BYTES
     ) -> Iterator[bytes]:
         """The blob's bytes from `offset` on, in chunks (for streaming it over the wire)."""
-        path = self._existing(sha256)
-        size = path.stat().st_size
-        if not isinstance(offset, int) or not 0 <= offset <= size:
-            raise BlobError(f"offset {offset} is outside blob {sha256[:12]} of {size} bytes")
-        if chunk_size < 1:
-            raise BlobError(f"chunk_size must be >= 1, got {chunk_size}")
-        return _chunks(path, offset, chunk_size)
+        return _chunks(self._readable(sha256, offset, chunk_size), offset, chunk_size)
+
+    def read_verified(
+        self, sha256: str, offset: int = 0, chunk_size: int = CHUNK_BYTES
+    ) -> Iterator[bytes]:
+        """As read_chunks, but the whole blob (the part before `offset` too) is hashed as it is
+        read, and the last chunk is held back until the digest matches: on a mismatch
+        CorruptBlob is raised instead, so a reader never receives a complete corrupt blob."""
+        return _verified(self._readable(sha256, offset, chunk_size), sha256, offset, chunk_size)
 
     def verify(self, sha256: str) -> bool:
         """Whether the blob on disk still hashes to its name (False means on-disk corruption)."""
@@ -89,9 +101,7 @@ class BlobStore:
         data = self._existing(sha256).read_bytes()
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
-            raise BlobError(
-                f"blob {sha256[:12]} is corrupt on disk: its content hashes to {actual[:12]}"
-            )
+            raise CorruptBlob(sha256, actual)
         return data
 
     # -- resumable uploads --------------------------------------------------------------------
@@ -188,6 +198,15 @@ class BlobStore:
             raise BlobError(f"no blob {sha256[:12]} in the store at {self.root}")
         return path
 
+    def _readable(self, sha256: str, offset: int, chunk_size: int) -> Path:
+        path = self._existing(sha256)
+        size = path.stat().st_size
+        if not isinstance(offset, int) or not 0 <= offset <= size:
+            raise BlobError(f"offset {offset} is outside blob {sha256[:12]} of {size} bytes")
+        if chunk_size < 1:
+            raise BlobError(f"chunk_size must be >= 1, got {chunk_size}")
+        return path
+
     def _part(self, key: str) -> Path:
         if not isinstance(key, str) or not _UPLOAD_KEY.fullmatch(key):
             raise BlobError(
@@ -232,8 +251,9 @@ class BlobStore:
         return sha256
 
     def _move_into_place(self, src: Path, dest: Path) -> None:
-        """Rename a verified, fsynced file to its object path; drop it if the object exists."""
-        if dest.is_file():
+        """Rename a verified, fsynced file to its object path; drop it if the object exists
+        and is intact (a corrupt one is replaced: the same bytes, received again, repair it)."""
+        if dest.is_file() and sha256_file(dest) == dest.name:
             src.unlink()
             return
         dest.parent.mkdir(exist_ok=True)
@@ -247,6 +267,26 @@ def _chunks(path: Path, offset: int, chunk_size: int) -> Iterator[bytes]:
         f.seek(offset)
         while chunk := f.read(chunk_size):
             yield chunk
+
+
+def _verified(path: Path, sha256: str, offset: int, chunk_size: int) -> Iterator[bytes]:
+    digest = hashlib.sha256()
+    held: bytes | None = None
+    with open(path, "rb") as f:  # one handle: prefix and rest come from the same file
+        remaining = offset  # the part the reader holds already must be intact too
+        while remaining and (block := f.read(min(CHUNK_BYTES, remaining))):
+            digest.update(block)
+            remaining -= len(block)
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+            if held is not None:
+                yield held
+            held = chunk
+    actual = digest.hexdigest()
+    if actual != sha256:
+        raise CorruptBlob(sha256, actual)
+    if held is not None:
+        yield held
 
 
 def _fsync_file(path: Path) -> None:

@@ -95,7 +95,11 @@ def prepare_dataset(
 def fetch_resume_point(
     session: Session, record: CheckpointRecord, job: str, unit: int, opts: WorkerOptions
 ) -> Path:
-    """Download the unit's newest checkpoint and trust it only once digest and signature check."""
+    """Download the unit's newest checkpoint and trust it only once digest and signature check.
+
+    When the coordinator finds its own copy corrupt, CorruptOnCoordinator is raised; it has
+    then cancelled this lease without counting the attempt, and the unit's next lease resumes
+    from an older good checkpoint."""
     statement = Statement.from_bytes(record.statement)
     verify(record.public_key, record.statement, record.signature)
     if (statement.sha256, statement.job, statement.unit) != (record.sha256, job, unit):
@@ -173,6 +177,15 @@ class UnitRun:
     def run(self, local: dict[str, Path], display: Display | None) -> bool:
         """Train the unit; True when it completed, False when the lease was lost."""
         a = self.a
+        if a.resume_from is not None and a.resume_from.final:
+            # The unit's final checkpoint is registered but its completion never arrived (the
+            # link or the worker went down in between): nothing is left to train, only to report.
+            log.info("unit %d: its final checkpoint is registered; completing it", a.unit)
+            request = worker_pb2.CompleteUnitRequest(
+                lease_id=a.lease_id, sha256=a.resume_from.sha256
+            )
+            self.session.call("CompleteUnit", request)
+            return True
         job, manifest = resolve_assignment(a)
         check_names(a, manifest)  # before any of them names a file
         data = prepare_dataset(self.session, a, manifest, self.opts, local)
@@ -229,6 +242,7 @@ class UnitRun:
                 save_unit_checkpoint(trainer, job, a.unit, data, config, path)
                 upload = self._signed(path, trainer.step, last)
                 uploader.put(upload)
+                log.info("unit %d: checkpoint at step %d written", a.unit, trainer.step)
                 if last:
                     return upload.sha256
         return None

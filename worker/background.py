@@ -12,9 +12,14 @@ from pathlib import Path
 import grpc
 
 from tspace_core.proto.tspace.v1 import worker_pb2
+from tspace_core.rpc import RetryPolicy
 from worker.client import Session
 
 log = logging.getLogger("tspace.worker")
+# A beat retries briefly: a long backoff would hold the next beat back past the lease's expiry
+# (a coordinator that just restarted gives each lease one TTL), and a lost beat is made good by
+# the next one, a third of a TTL later.
+BEAT_RETRY = RetryPolicy(attempts=3, initial_backoff_s=0.2, max_backoff_s=1.0)
 
 
 @dataclass
@@ -43,7 +48,7 @@ class Heartbeat(threading.Thread):
                 lease_id=self.lease_id, step=p.step, loss=p.loss, images_per_s=p.images_per_s
             )
             try:
-                if self.session.call("Heartbeat", request).cancel:
+                if self.session.call("Heartbeat", request, BEAT_RETRY).cancel:
                     log.warning("the coordinator ended lease %s; stopping this unit", self.lease_id)
                     self.cancelled.set()
                     return

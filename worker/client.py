@@ -31,10 +31,18 @@ log = logging.getLogger("tspace.worker")
 CALL_TIMEOUT_S = 30.0
 STREAM_TIMEOUT_S = 600.0
 RETRY = RetryPolicy(attempts=6, initial_backoff_s=0.5, max_backoff_s=10.0)
+# An upload outlasts a coordinator restart or a link down for minutes: the file on disk is all
+# that bounds the work lost, so it is retried until the lease is known gone or this runs out.
+UPLOAD_PATIENCE_S = 15 * 60.0
+UPLOAD_RETRY = RetryPolicy(attempts=10**9, initial_backoff_s=0.5, max_backoff_s=10.0)
 
 
 class LeaseLost(TspaceError):
     """The coordinator no longer holds this worker's lease (expired or ended)."""
+
+
+class CorruptOnCoordinator(TspaceError):
+    """The coordinator's stored copy of a blob failed its digest (DATA_LOSS): no retry helps."""
 
 
 class Session:
@@ -80,6 +88,10 @@ class Session:
                 self._fetch_into(method, sha256, size, part, offset)
                 break
             except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.DATA_LOSS:
+                    # What arrived is part of a corrupt file: never resume from it.
+                    part.unlink(missing_ok=True)
+                    raise CorruptOnCoordinator(err.details() or "corrupt blob") from None
                 if err.code() not in RETRY.retryable or attempt == RETRY.attempts - 1:
                     raise
                 time.sleep(next(delays))
@@ -107,14 +119,19 @@ class Session:
         Returns None when the lease is gone (the coordinator refuses the upload for good).
         """
         size = path.stat().st_size
-        delays = backoff_delays(RETRY)
-        for attempt in range(RETRY.attempts):
+        delays = backoff_delays(UPLOAD_RETRY)
+        deadline = time.monotonic() + UPLOAD_PATIENCE_S
+        while True:
             try:
                 status = self.call(
                     "UploadStatus", worker_pb2.UploadStatusRequest(lease_id=lease_id, sha256=sha256)
                 )
                 if status.complete:
                     return worker_pb2.UploadResponse(already_registered=True)
+                if status.offset:
+                    log.info(
+                        "resuming the upload of %s at byte %d of %d", path.name, status.offset, size
+                    )
                 header = worker_pb2.UploadHeader(
                     lease_id=lease_id,
                     sha256=sha256,
@@ -132,11 +149,10 @@ class Session:
                     "lease" in (err.details() or "")
                 ):
                     return None
-                if code not in RETRY.retryable or attempt == RETRY.attempts - 1:
+                if code not in RETRY.retryable or time.monotonic() > deadline:
                     raise
                 log.warning("upload of %s interrupted (%s); resuming", path.name, code.name)
                 time.sleep(next(delays))
-        return None
 
 
 def _upload_chunks(header: worker_pb2.UploadHeader, path: Path) -> Iterator[worker_pb2.UploadChunk]:

@@ -303,17 +303,16 @@ class Harness:
 
     # -- what "nothing changed" compares
 
-    def snapshot(self) -> dict[str, Any]:
-        """Every catalogue row (but a worker's last_seen, which any authenticated call moves)
-        and every file in the blob store."""
+    def snapshot(self, moving: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+        """Every catalogue row (but a worker's last_seen, which any authenticated call moves,
+        and the (table, column) pairs in `moving`) and every file in the blob store."""
         if self._engine is None:
             self._engine = make_engine(self.config.catalogue_url)
+        skip = {("workers", "last_seen"), *moving}
         tables: dict[str, Any] = {}
         with self._engine.connect() as conn:
             for table in Base.metadata.sorted_tables:
-                columns = [
-                    c for c in table.columns if (table.name, c.name) != ("workers", "last_seen")
-                ]
+                columns = [c for c in table.columns if (table.name, c.name) not in skip]
                 rows = conn.execute(select(*columns)).all()
                 tables[table.name] = sorted(repr(tuple(r)) for r in rows)
         files = sorted(str(p.relative_to(self.blobs)) for p in self.blobs.rglob("*") if p.is_file())

@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from tspace_core.catalogue.errors import CatalogueError
 
@@ -19,6 +19,19 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
 # Execution option marking an engine whose SQLite transactions take the write lock up front.
 WRITE_OPTION = "tspace_write"
+# libpq settings unless the URL sets them: give up on a server that does not answer a connect,
+# and notice a silently vanished one (no FIN, no RST) within about a minute, not hours.
+POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+# PostgreSQL errors that mean the connection is gone, not that the statement was wrong:
+# class 08 (connection exception) and the server shutting down or starting up (57P01 admin
+# shutdown, 57P02 crash shutdown, 57P03 cannot connect now).
+DISCONNECT_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
 
 
 def sqlite_url(path: str | os.PathLike[str]) -> str:
@@ -45,11 +58,35 @@ def make_engine(url: str) -> Engine:
         _tune_sqlite(engine)
         return engine
     if backend == "postgresql":
-        return create_engine(parsed, pool_pre_ping=True)
+        # pool_pre_ping replaces a pooled connection the server dropped before it is used; a
+        # disconnect met mid-transaction invalidates the whole pool (SQLAlchemy's default), so
+        # the next transaction opens fresh connections.
+        defaults = {k: v for k, v in POSTGRES_CONNECT_ARGS.items() if k not in parsed.query}
+        return create_engine(parsed, pool_pre_ping=True, connect_args=defaults)
     raise CatalogueError(
         "invalid_argument",
         f"unsupported catalogue database {backend!r}; use sqlite:///PATH or postgresql+psycopg://...",
     )
+
+
+def is_disconnect(exc: DBAPIError, backend: str) -> bool:
+    """Whether `exc` means the database connection was lost or could not be made (the server
+    stopped, restarted or is unreachable), as opposed to a statement the database refused."""
+    if exc.connection_invalidated:
+        return True
+    if backend != "postgresql":
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:
+        # psycopg raises OperationalError without an SQLSTATE only when it has no working
+        # connection: it could not connect, or the server vanished.
+        return type(exc.orig).__name__ in ("OperationalError", "InterfaceError")
+    return sqlstate in DISCONNECT_SQLSTATES or sqlstate.startswith("08")
+
+
+def is_busy(exc: DBAPIError, backend: str) -> bool:
+    """Whether `exc` is SQLite still finding the database locked after its busy timeout."""
+    return backend == "sqlite" and "database is locked" in str(exc.orig)
 
 
 def _tune_sqlite(engine: Engine) -> None:

@@ -13,8 +13,13 @@ CODES = frozenset(
         "unauthenticated",
         "failed_precondition",
         "invalid_argument",
+        "unavailable",
     }
 )
+# How an "unavailable" error's message starts, so clients can tell a coordinator that cannot
+# reach its database from a coordinator they cannot reach.
+UNREACHABLE = "the catalogue database is unreachable"
+BUSY = "the catalogue database is busy"
 
 
 class CatalogueError(TspaceError):
@@ -27,3 +32,12 @@ class CatalogueError(TspaceError):
             )
         super().__init__(message)
         self.code = code
+
+
+def unavailable(detail: str, *, busy: bool = False) -> CatalogueError:
+    """The error for a database that could not be reached (or, `busy`, stayed locked) for the
+    whole retry budget; the transaction did not take effect, or is checked on the next try."""
+    first_line = detail.strip().splitlines()[0] if detail.strip() else "no detail given"
+    return CatalogueError(
+        "unavailable", f"{BUSY if busy else UNREACHABLE}: {first_line}; retrying is safe"
+    )

@@ -124,8 +124,12 @@ class Checkpoint(Base):
     shards_seen: Mapped[list[str]]
     created_at: Mapped[float]
     verified: Mapped[bool]
-    # Set when an operator resets the unit to an earlier checkpoint: never resumed from again.
+    # Set when an operator resets the unit to an earlier checkpoint, a revocation takes its line
+    # out of use, or its blob is found corrupt: never resumed from again.
     discarded: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # Its blob failed its digest on the coordinator's disk (it is discarded too). Unlike a plain
+    # discard, only the bytes received and verified again clear it: a signed header does not.
+    corrupt: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class Lease(Base):

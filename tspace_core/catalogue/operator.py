@@ -164,7 +164,7 @@ def _unit_for_change(session: Session, job_name: str, unit: int) -> tuple[Unit, 
     return row, job
 
 
-def _reopen(session: Session, job: Job, now: float) -> None:
+def reopen(session: Session, job: Job, now: float) -> None:
     """A job that had ended (done or failed) has work again."""
     if job.status in (JOB_DONE, JOB_FAILED):
         job.status = JOB_ACTIVE
@@ -186,7 +186,7 @@ def retry_unit(session: Session, job_name: str, unit: int, now: float) -> UnitRe
         )
     previous = row.last_error
     row.status, row.attempts, row.last_error = UNIT_PENDING, 0, ""
-    _reopen(session, job, now)
+    reopen(session, job, now)
     add_event(
         session,
         "unit_retried",
@@ -222,6 +222,12 @@ def reset_unit(
             f"checkpoint {target.sha256[:12]} is the unit's final one (step {target.step}); "
             "reset to an earlier checkpoint to train again",
         )
+    if target.corrupt:
+        raise CatalogueError(
+            "failed_precondition",
+            f"checkpoint {target.sha256[:12]} is corrupt on the coordinator's disk; "
+            "reset to another checkpoint of the unit",
+        )
     for lease in active_leases(session, job_id=job.id):
         if lease.unit_id == row.id:
             cancel_lease(session, lease, f"unit reset to {target.sha256[:12]}", now)
@@ -231,9 +237,9 @@ def reset_unit(
             ckpt.step == target.step and ckpt.sha256 != target.sha256
         )
         discarded += later and not ckpt.discarded
-        ckpt.discarded = later
+        ckpt.discarded = later or ckpt.corrupt  # corrupt bytes stay out of use
     row.status, row.attempts, row.last_error = UNIT_PENDING, 0, ""
-    _reopen(session, job, now)
+    reopen(session, job, now)
     add_event(
         session,
         "unit_reset",
@@ -378,7 +384,7 @@ def revoke_worker(session: Session, worker_id: str, now: float) -> Revocation:
                 reopened.add((job.name, unit.unit))
         if unit.status == UNIT_DONE:
             unit.status, unit.attempts, unit.last_error = UNIT_PENDING, 0, ""
-            _reopen(session, job, now)
+            reopen(session, job, now)
             reopened.add((job.name, unit.unit))
     reopened -= training
     requeued = tuple(sorted(training | reopened))

@@ -112,6 +112,18 @@ class Revocation:
 
 
 @dataclass(frozen=True)
+class CorruptCheckpoint:
+    """What finding a checkpoint's blob corrupt did: `marked` when it was not marked corrupt
+    before; `requeued` when its unit was done resting on it and goes back to pending;
+    `cancelled` is the lease ended because its worker could not fetch it to resume from."""
+
+    checkpoint: CheckpointRecord
+    marked: bool = False
+    requeued: bool = False
+    cancelled: str | None = None
+
+
+@dataclass(frozen=True)
 class CheckpointRecord:
     """A verified, signed checkpoint; `statement` is the exact signed bytes."""
 
@@ -131,7 +143,8 @@ class CheckpointRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     shards_seen: tuple[str, ...] = ()
     trusted: bool = True  # False once the signing worker is revoked
-    discarded: bool = False  # True once a reset or a revocation took it out of use
+    discarded: bool = False  # True once a reset, a revocation or corruption took it out of use
+    corrupt: bool = False  # its blob failed its digest on the coordinator's disk (discarded too)
 
     @property
     def in_use(self) -> bool:

@@ -20,14 +20,17 @@ from tspace_core.catalogue.models import (
     Unit,
     Worker,
 )
-from tspace_core.catalogue.operator import settle_job
+from tspace_core.catalogue.operator import active_leases, cancel_lease, reopen, settle_job
 from tspace_core.catalogue.records import (
+    JOB_CANCELLED,
     JOB_DONE,
     LEASE_COMPLETED,
     UNIT_DONE,
+    UNIT_PENDING,
     WORKER_ACTIVE,
     AliasRecord,
     CheckpointRecord,
+    CorruptCheckpoint,
     EnsembleMemberRecord,
     EnsembleRecord,
 )
@@ -101,14 +104,22 @@ def _reattribute(
             f"{rec.unit} step {rec.step} (final={rec.final}, {rec.size} bytes); the same bytes "
             "cannot be two checkpoints",
         )
-    row.discarded = False
+    # Only an upload whose bytes were received and verified again reaches here for a corrupt
+    # checkpoint (a header alone is refused for one), so its blob is whole again.
+    was = (
+        "corrupt on disk, received again"
+        if row.corrupt
+        else f"signer {known.worker_id} revoked"
+        if not known.trusted
+        else "discarded"
+    )
+    row.discarded = row.corrupt = False
     signed = (rec.worker_id, rec.statement, rec.signature)
     if (row.worker_id, row.statement, row.signature) == signed:
         session.flush()
         return get_checkpoint(session, rec.sha256), False
     row.worker_id, row.statement, row.signature = signed
     row.attempt, row.created_at = rec.attempt, rec.created_at
-    was = f"signer {known.worker_id} revoked" if not known.trusted else "discarded"
     add_event(
         session,
         "checkpoint_reattributed",
@@ -121,6 +132,76 @@ def _reattribute(
     )
     session.flush()
     return get_checkpoint(session, rec.sha256), True
+
+
+def mark_corrupt(
+    session: Session, sha256: str, problem: str, now: float, fetcher: str | None = None
+) -> CorruptCheckpoint:
+    """Record that checkpoint `sha256`'s blob failed its digest: it is marked corrupt and
+    discarded, so no lease resumes from it and no ensemble takes it. A done unit whose
+    completion rests on it goes back to pending with fresh attempts (its job reopens; the next
+    lease resumes from its newest good checkpoint), as a reset would; a unit of a cancelled job
+    stays as it is. `fetcher`, a worker that failed to fetch it to resume from, has its lease
+    on the unit cancelled, which gives the attempt back: the unit did nothing wrong. Marking it
+    again changes nothing but that lease."""
+    found = session.get(Checkpoint, sha256)
+    if found is None:
+        raise CatalogueError("not_found", f"no checkpoint with digest {sha256!r}")
+    unit = session.get_one(Unit, found.unit_id)
+    # Lock the job, as complete_unit does, so that no completion resting on this checkpoint
+    # lands meanwhile; then read the rows again under the lock.
+    job = session.scalars(
+        select(Job)
+        .where(Job.id == unit.job_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).one()
+    row = session.get_one(Checkpoint, sha256, with_for_update=True, populate_existing=True)
+    session.refresh(unit)
+    cancelled = None
+    if fetcher is not None:
+        for lease in active_leases(session, job_id=job.id, worker_id=fetcher):
+            if lease.unit_id == unit.id:
+                reason = f"its resume checkpoint {sha256[:12]} is corrupt on the coordinator's disk"
+                cancel_lease(session, lease, reason, now)
+                cancelled = lease.lease_id
+    if row.corrupt:
+        session.flush()
+        return CorruptCheckpoint(get_checkpoint(session, sha256), cancelled=cancelled)
+    row.corrupt = row.discarded = True
+    requeued = _requeue_resting_on(session, unit, job, sha256, now)
+    what = (
+        f"unit {unit.unit} was done with it and is requeued to train again"
+        if requeued
+        else "it is no longer handed out"
+    )
+    add_event(
+        session,
+        "checkpoint_corrupt",
+        f"checkpoint {sha256[:12]} of {job.name} unit {unit.unit} step {row.step} is corrupt on "
+        f"the coordinator's disk ({problem}); marked corrupt, {what}",
+        now,
+        job=job.name,
+        unit=unit.unit,
+    )
+    session.flush()
+    return CorruptCheckpoint(get_checkpoint(session, sha256), True, requeued, cancelled)
+
+
+def _requeue_resting_on(session: Session, unit: Unit, job: Job, sha256: str, now: float) -> bool:
+    """Put a done unit of a job not cancelled back to pending, with fresh attempts, when what
+    its most recent completion delivered is `sha256`; whether it did."""
+    delivered = session.scalar(
+        select(Lease.checkpoint_sha256)
+        .where(Lease.unit_id == unit.id, Lease.status == LEASE_COMPLETED)
+        .order_by(Lease.updated_at.desc(), Lease.lease_id.desc())
+        .limit(1)
+    )
+    if unit.status != UNIT_DONE or delivered != sha256 or job.status == JOB_CANCELLED:
+        return False
+    unit.status, unit.attempts, unit.last_error = UNIT_PENDING, 0, ""
+    reopen(session, job, now)
+    return True
 
 
 def get_checkpoint(session: Session, sha256: str) -> CheckpointRecord:
@@ -140,6 +221,7 @@ def newest_checkpoint(session: Session, job: str, unit: int) -> CheckpointRecord
             Checkpoint.unit_id == unit_id,
             Checkpoint.verified.is_(True),
             Checkpoint.discarded.is_(False),
+            Checkpoint.corrupt.is_(False),
             Worker.status == WORKER_ACTIVE,
         )
         .order_by(Checkpoint.step.desc(), Checkpoint.created_at.desc(), Checkpoint.sha256)
@@ -186,6 +268,11 @@ def complete_unit(
     if not ckpt.trusted:
         raise CatalogueError(
             "failed_precondition", f"checkpoint {sha256[:12]} was signed by a revoked worker"
+        )
+    if ckpt.corrupt:
+        raise CatalogueError(
+            "failed_precondition",
+            f"checkpoint {sha256[:12]} is corrupt on the coordinator's disk; upload it again",
         )
     # Training is deterministic: a unit reset and trained again may reach a discarded checkpoint
     # bit for bit. Reaching it again makes it the unit's line once more.
@@ -253,6 +340,11 @@ def register_ensemble(
             raise CatalogueError(
                 "failed_precondition",
                 f"checkpoint {sha256[:12]} of unit {unit} was signed by a revoked worker",
+            )
+        if ckpt.corrupt:
+            raise CatalogueError(
+                "failed_precondition",
+                f"checkpoint {sha256[:12]} of unit {unit} is corrupt on the coordinator's disk",
             )
     session.add(Ensemble(name=name, job_id=job_rec.id, created_at=now))
     session.flush()

@@ -224,4 +224,5 @@ def checkpoint_record(ckpt: Checkpoint, unit: Unit, job: Job, worker: Worker) ->
         shards_seen=tuple(ckpt.shards_seen),
         trusted=worker.status == WORKER_ACTIVE,
         discarded=ckpt.discarded,
+        corrupt=ckpt.corrupt,
     )

@@ -266,3 +266,13 @@ def _end_lease(
     if unit.status == UNIT_FAILED:
         settle_job(session, job, now)
     return unit_record(unit, job, None)
+
+
+def grant_grace(session: Session, until: float) -> int:
+    """Move the expiry of every active lease up to `until` if it is earlier; how many moved."""
+    result: CursorResult[tuple[()]] = session.execute(  # type: ignore[assignment]
+        update(Lease)
+        .where(Lease.status == LEASE_ACTIVE, Lease.expires_at < until)
+        .values(expires_at=until)
+    )
+    return int(result.rowcount or 0)

@@ -7,19 +7,21 @@ coordinator's clock, passed in as `now` (float Unix seconds); nothing here reads
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
 
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from tspace_core.catalogue import enrolment, operator, results, scheduling
-from tspace_core.catalogue.engine import WRITE_OPTION, make_engine, upgrade
-from tspace_core.catalogue.errors import CatalogueError
+from tspace_core.catalogue import enrolment, operator, reconnect, results, scheduling
+from tspace_core.catalogue.engine import WRITE_OPTION, is_busy, is_disconnect, make_engine, upgrade
+from tspace_core.catalogue.errors import CatalogueError, unavailable
 from tspace_core.catalogue.records import (
     AliasRecord,
     CheckpointRecord,
+    CorruptCheckpoint,
     EnsembleRecord,
     EventRecord,
     JobRecord,
@@ -39,15 +41,27 @@ T = TypeVar("T")
 # serialisation failure) is run again from the start; the rerun sees the winner's rows.
 RETRIES = 3
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
+# A transaction that lost the database (a server restart, failover or dropped connection) is
+# run again with capped, jittered backoff for up to RECONNECT_BUDGET_S seconds from the first
+# loss, then fails as "unavailable" (UNAVAILABLE to RPC callers, who retry). The budget stays
+# under a worker's 30 s deadline per call, so the worker hears that clear error, not a timeout.
+RECONNECT_BUDGET_S = 20.0
+RECONNECT_FIRST_DELAY_S = 0.1
+RECONNECT_MAX_DELAY_S = 2.0
 
 
 class Catalogue:
     """Jobs, units, leases, workers, checkpoints, ensembles and events in one SQL database."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, reconnect_budget_s: float = RECONNECT_BUDGET_S) -> None:
         """Open the catalogue at `url` (sqlite:///PATH or postgresql+psycopg://...) and migrate
-        it to the newest schema."""
+        it to the newest schema. A transaction that loses the database is retried for up to
+        `reconnect_budget_s` seconds."""
         self.url = url
+        self.reconnect_budget_s = reconnect_budget_s
+        # Transactions that lost the database and were retried, whatever became of them.
+        self.lost_transactions = 0
+        self._count_lock = threading.Lock()
         self._engine = make_engine(url)
         try:
             upgrade(self._engine)
@@ -79,25 +93,68 @@ class Catalogue:
     ) -> None:
         self.close()
 
-    def _run(self, work: Callable[[Session], T], *, write: bool = True) -> T:
-        for attempt in range(RETRIES):
+    def _run(
+        self,
+        work: Callable[[Session], T],
+        *,
+        write: bool = True,
+        recover: Callable[[Session], tuple[T] | None] | None = None,
+    ) -> T:
+        """Run `work` in one transaction; run it again from the start when it lost a race
+        (RETRIES times in all) or the database connection (for the reconnect budget).
+
+        A connection lost before COMMIT rolled the transaction back. One lost during COMMIT
+        leaves the outcome unknown, and running `work` again must then be harmless: reads are;
+        heartbeat, touch_worker, expire_leases and set_alias write the same values again or
+        find nothing left to do; add_checkpoint and create_job are idempotent (by digest, by
+        name and hash), add_checkpoint then answering (record, False); the operator's changes
+        (change_job, revoke_*, retry_unit, reset_unit, register_*) are refused as already made,
+        which is true; add_event may log its event twice. The writes that would wrongly be
+        refused (complete_unit, fail_lease, register_worker, add_token) or repeated (acquire,
+        which would lease a second unit) pass `recover`: once an outcome is unknown it runs
+        first and returns (result,) when that COMMIT took effect.
+        """
+        races, outcome_unknown = 0, False
+        backend = self._engine.dialect.name
+        wait = reconnect.Reconnect(
+            self.reconnect_budget_s, RECONNECT_FIRST_DELAY_S, RECONNECT_MAX_DELAY_S
+        )
+        while True:
+            committing = False
             try:
                 bind = self._writer if write else self._engine
                 with Session(bind) as session, session.begin():
-                    return work(session)
-            except (IntegrityError, OperationalError) as e:
-                retryable = isinstance(e, IntegrityError) or (
-                    getattr(e.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
+                    done = recover(session) if recover is not None and outcome_unknown else None
+                    result = done[0] if done is not None else work(session)
+                    committing = True
+                wait.recovered()
+                return result
+            except DBAPIError as e:
+                if is_disconnect(e, backend):
+                    outcome_unknown = outcome_unknown or committing
+                    if wait.losses == 0:
+                        with self._count_lock:
+                            self.lost_transactions += 1
+                    wait.wait(e)  # raises the "unreachable" error once the budget is spent
+                    continue
+                if is_busy(e, backend):
+                    raise unavailable(str(e.orig), busy=True) from e
+                race = isinstance(e, IntegrityError) or (
+                    isinstance(e, OperationalError)
+                    and getattr(e.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
                 )
-                if not retryable or attempt == RETRIES - 1:
+                races += 1
+                if not race or races == RETRIES:
                     raise
-        raise AssertionError("unreachable")
 
     # Enrolment and workers.
 
     def add_token(self, token_hash: str, site: str, expires_at: float, now: float) -> None:
         """Enrol a one-time join token (stored by its hash) for `site`."""
-        self._run(lambda s: enrolment.add_token(s, token_hash, site, expires_at, now))
+        self._run(
+            lambda s: enrolment.add_token(s, token_hash, site, expires_at, now),
+            recover=reconnect.enrolled(token_hash, now),
+        )
 
     def list_tokens(self, now: float) -> list[TokenRecord]:
         """Every join token, oldest first, with its status at `now`."""
@@ -121,7 +178,8 @@ class Catalogue:
         return self._run(
             lambda s: enrolment.register_worker(
                 s, token_hash, public_key, key_id, credential_hash, device, hostname, now
-            )
+            ),
+            recover=reconnect.registered(token_hash, credential_hash),
         )
 
     def worker_by_credential(self, credential_hash: str) -> WorkerRecord | None:
@@ -203,7 +261,10 @@ class Catalogue:
     ) -> LeaseRecord | None:
         """Lease the pending unit `choose` picks (a pure policy) for `ttl` seconds; None when no
         unit is pending or `choose` picks none. No unit is ever leased twice at once."""
-        return self._run(lambda s: scheduling.acquire(s, worker_id, now, ttl, choose))
+        return self._run(
+            lambda s: scheduling.acquire(s, worker_id, now, ttl, choose),
+            recover=reconnect.acquired(worker_id, now),
+        )
 
     def heartbeat(
         self,
@@ -230,13 +291,20 @@ class Catalogue:
         once it has had `max_attempts` leases. Logs a "lease_expired" event per lease."""
         return self._run(lambda s: scheduling.expire_leases(s, now, max_attempts))
 
+    def grant_grace(self, until: float) -> int:
+        """Let every active lease live until at least `until`; returns how many were extended.
+        A restarted coordinator calls it so that workers which trained on while it was down
+        get one lease TTL to check in before their leases expire."""
+        return self._run(lambda s: scheduling.grant_grace(s, until))
+
     def fail_lease(
         self, lease_id: str, worker_id: str, error: str, now: float, max_attempts: int
     ) -> UnitRecord:
         """End a lease the worker gave up on; requeue or fail the unit as `expire_leases` does.
         Logs a "lease_failed" event and returns the unit."""
         return self._run(
-            lambda s: scheduling.fail_lease(s, lease_id, worker_id, error, now, max_attempts)
+            lambda s: scheduling.fail_lease(s, lease_id, worker_id, error, now, max_attempts),
+            recover=reconnect.lease_failed(lease_id, worker_id, now),
         )
 
     # Checkpoints, completion and ensembles.
@@ -250,6 +318,15 @@ class Catalogue:
 
     def get_checkpoint(self, sha256: str) -> CheckpointRecord:
         return self._run(lambda s: results.get_checkpoint(s, sha256), write=False)
+
+    def mark_corrupt(
+        self, sha256: str, problem: str, now: float, fetcher: str | None = None
+    ) -> CorruptCheckpoint:
+        """Record that checkpoint `sha256`'s blob failed its digest (`problem` says how): it is
+        marked corrupt and discarded, a done unit whose completion rests on it is requeued, and
+        the lease of `fetcher` (a worker that could not fetch it to resume) on its unit is
+        cancelled with the attempt given back. Logs "checkpoint_corrupt" the first time."""
+        return self._run(lambda s: results.mark_corrupt(s, sha256, problem, now, fetcher))
 
     def resolve_checkpoint(self, ref: str) -> CheckpointRecord:
         """The checkpoint whose digest is `ref` or starts with it (>= 8 hex digits)."""
@@ -269,7 +346,10 @@ class Catalogue:
         """Mark the lease's unit done with its final checkpoint `sha256`. When it was the job's
         last unit, the job is done and ensemble "<job>:final" registered: its name is returned
         (and a "job_done" event logged); otherwise None."""
-        return self._run(lambda s: results.complete_unit(s, lease_id, worker_id, sha256, now))
+        return self._run(
+            lambda s: results.complete_unit(s, lease_id, worker_id, sha256, now),
+            recover=reconnect.completed(lease_id, worker_id, sha256, now),
+        )
 
     def register_ensemble(
         self, name: str, job: str, members: Mapping[int, str], now: float

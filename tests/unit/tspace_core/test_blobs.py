@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tspace_core.blobs import BlobStore
+from tspace_core.blobs import BlobStore, CorruptBlob
 from tspace_core.errors import BlobError
 
 DATA = os.urandom(300_001)
@@ -203,3 +203,53 @@ def test_missing_blob(tmp_path: Path) -> None:
     for call in (store.size, store.verify, store.open_verified, store.read_chunks):
         with pytest.raises(BlobError, match="no blob"):
             call(SHA)
+
+
+def _flip(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_read_verified_streams_an_intact_blob(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.put_bytes(DATA)
+    for offset in (0, 12345, len(DATA)):
+        chunks = list(store.read_verified(SHA, offset=offset, chunk_size=50_000))
+        assert b"".join(chunks) == DATA[offset:]
+    with pytest.raises(BlobError, match="outside blob"):
+        store.read_verified(SHA, offset=len(DATA) + 1)
+
+
+@pytest.mark.parametrize("offset", [0, 60_000, len(DATA)])
+@pytest.mark.parametrize("where", ["prefix", "middle", "last chunk"])
+def test_read_verified_never_hands_out_a_whole_corrupt_blob(
+    tmp_path: Path, offset: int, where: str
+) -> None:
+    store = BlobStore(tmp_path)
+    store.put_bytes(DATA)
+    at = {"prefix": 10, "middle": len(DATA) // 2, "last chunk": len(DATA) - 1}[where]
+    _flip(store.path(SHA), at)
+    received = []
+    with pytest.raises(CorruptBlob, match=f"blob {SHA[:12]} is corrupt on disk") as info:
+        for chunk in store.read_verified(SHA, offset=offset, chunk_size=50_000):
+            received.append(chunk)
+    assert info.value.sha256 == SHA and info.value.actual != SHA
+    # The last chunk is held back: whatever arrived stops short of the blob's end.
+    assert received == [] or offset + sum(map(len, received)) < len(DATA)
+
+
+def test_a_corrupt_object_is_replaced_by_the_same_bytes_stored_again(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    store.put_bytes(DATA)
+    _flip(store.path(SHA), 7)
+    assert not store.verify(SHA)
+    store.append("again", 0, DATA)
+    store.finish("again", SHA, len(DATA))
+    assert store.verify(SHA) and store.open_verified(SHA) == DATA
+    # An intact object stays as it is when the same bytes come again.
+    before = store.path(SHA).stat().st_ino
+    store.append("third", 0, DATA)
+    store.finish("third", SHA, len(DATA))
+    assert store.path(SHA).stat().st_ino == before
+    assert files_under(tmp_path / "uploads") == []

@@ -138,7 +138,7 @@ def test_migrations_match_models(url: str) -> None:
             context = MigrationContext.configure(conn)
             assert compare_metadata(context, Base.metadata) == []
             head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-            assert context.get_current_revision() == head == "0002"
+            assert context.get_current_revision() == head == "0003"
     finally:
         engine.dispose()
 
@@ -321,6 +321,22 @@ def test_expire_requeues_until_attempts_are_exhausted(cat: Catalogue) -> None:
         == [("job_failed", "digits", None, None)] + [("lease_expired", "digits", 0, worker)] * 2
     )
     assert "unit failed" in cat.events()[1].message
+
+
+def test_grace_after_a_restart_extends_only_active_leases_that_end_sooner(cat: Catalogue) -> None:
+    add_job(cat, units=[[9], [19], [29]])
+    worker = enrol(cat).worker_id
+    early, late, ended = (cat.acquire(worker, T0 + i * 50, TTL, first) for i in range(3))
+    assert early is not None and late is not None and ended is not None
+    cat.fail_lease(ended.lease_id, worker, "gave up", T0 + 101, max_attempts=3)
+    # The coordinator was down; it is back at T0 + 100 and gives each lease until T0 + 100 + TTL.
+    until = late.expires_at - 1
+    assert cat.grant_grace(until) == 1
+    assert cat.get_lease(early.lease_id).expires_at == until
+    assert cat.get_lease(late.lease_id).expires_at == late.expires_at  # already later: unchanged
+    assert cat.get_lease(ended.lease_id).status != LEASE_ACTIVE
+    assert cat.expire_leases(until - 1, max_attempts=3) == []
+    assert [x.lease_id for x in cat.expire_leases(until + 1, max_attempts=3)] == [early.lease_id]
 
 
 def test_fail_lease_records_the_error(cat: Catalogue) -> None:
