@@ -1,10 +1,24 @@
-"""Shared by the reliability tests: the small job they train."""
+"""Shared by the reliability tests: the small job they train, and a served coordinator."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from cluster import Cluster
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A coordinator process serving a fresh folder, with the lease TTL of the test module's
+    LEASE_TTL_S (4 s if it has none); every process it started is stopped afterwards."""
+    cluster = Cluster(tmp_path, lease_ttl_s=getattr(request.module, "LEASE_TTL_S", 4.0))
+    try:
+        cluster.start_coordinator()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

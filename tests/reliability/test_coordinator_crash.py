@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from cluster import Cluster, audit, wait_until
 
+LEASE_TTL_S = 10.0
 INTERVAL, STEPS = 10, 30
 # About 42 MB a checkpoint (weights, EMA and two Adam moments of a 2.6M-parameter U-Net), so an
 # upload lasts long enough to be cut in the middle.
@@ -31,16 +29,6 @@ checkpoint_every = {INTERVAL}
 [data]
 source = "digits"
 """
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path, lease_ttl_s=10.0)
-    try:
-        cluster.start_coordinator()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def _registered(cluster: Cluster) -> int:

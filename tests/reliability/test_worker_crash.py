@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from cluster import Cluster, audit, wait_until
 
 from tspace_core import serde
@@ -21,6 +18,7 @@ from worker.agent import UnitRun, WorkerOptions, resolve_assignment
 from worker.client import Session
 from worker.identity import join
 
+LEASE_TTL_S = 3.0
 INTERVAL = 100
 STEPS = 400
 JOB = f"""
@@ -38,16 +36,6 @@ checkpoint_every = {INTERVAL}
 [data]
 source = "digits"
 """
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path, lease_ttl_s=3.0)
-    try:
-        cluster.start_coordinator()
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def _registered_steps(cluster: Cluster) -> list[int]:
