@@ -230,6 +230,10 @@ class Chaos:
                     raise AssertionError("the job did not finish in time")
                 self.supervise()
                 time.sleep(0.5)
+            # Nothing is left, so every worker exits; verify only then, or one still on its way
+            # out would miss units the verification sends back to training.
+            codes = self.cluster.wait_workers(120)
+            self.run.worker_exits.update(c for c in codes.values() if c not in (0, -9))
             self.run.verify_rounds += 1
             request = admin_pb2.VerifyCheckpointsRequest(job=JOB_NAME)
             with AdminClient(self.cluster.folder) as admin:
@@ -239,9 +243,7 @@ class Chaos:
             if self.job_done():  # nothing the job's ensemble rests on was found corrupt
                 break
             for site in self.sites():
-                if self.cluster.workers[site].poll() is not None:
-                    self.start_worker(site)
-        self.cluster.wait_workers(120)
+                self.start_worker(site)
         # The reaper drops partial uploads of ended leases every few seconds.
         wait_until(lambda: not self.cluster.blobs().partial_keys(), 60, "the partials to go")
         self.run.seconds = time.monotonic() - self.started
