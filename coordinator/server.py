@@ -142,11 +142,13 @@ class Coordinator:
     def _reap(self) -> None:
         cfg, catalogue = self.state.config, self.state.catalogue
         cut_off = False  # whether the database was out of reach at the last check
+        lost = catalogue.lost_transactions
         while not self._stop.wait(cfg.lease_check_interval_s):
             try:
-                if cut_off:
-                    # No heartbeat could be recorded while the database was away, so, as after
-                    # a restart, each lease gets one TTL to check in before any expires.
+                if cut_off or catalogue.lost_transactions != lost:
+                    # No heartbeat could be recorded while the database was away (however
+                    # briefly), so, as after a restart, each lease gets one TTL to check in.
+                    lost = catalogue.lost_transactions
                     catalogue.grant_grace(self.state.clock() + cfg.lease_ttl_s)
                     cut_off = False
                 expired = catalogue.expire_leases(self.state.clock(), cfg.max_attempts)

@@ -250,6 +250,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     ) -> NoReturn:
         """Mark the checkpoint corrupt (a worker resuming from it gives its lease back) and
         answer DATA_LOSS, saying what happens next."""
+        if exc is not None and self.state.blobs.verify(sha256):
+            # An upload of the same bytes repaired the file while this read the old one.
+            message = "the checkpoint was replaced while it was read; fetch it again"
+            abort(context, grpc.StatusCode.UNAVAILABLE, message)
         problem = (
             "found corrupt before" if exc is None else f"its content hashes to {exc.actual[:12]}"
         )

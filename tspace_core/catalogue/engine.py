@@ -27,6 +27,9 @@ POSTGRES_CONNECT_ARGS = {
     "keepalives_idle": 30,
     "keepalives_interval": 10,
     "keepalives_count": 3,
+    # Sent data unacknowledged this long (a link that went dark mid-statement) drops the
+    # connection, so an attempt cannot outlast the retry budget by TCP's retransmissions.
+    "tcp_user_timeout": 20_000,
 }
 # PostgreSQL errors that mean the connection is gone, not that the statement was wrong:
 # class 08 (connection exception) and the server shutting down or starting up (57P01 admin

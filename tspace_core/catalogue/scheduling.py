@@ -203,16 +203,17 @@ def heartbeat(
     loss: float,
     images_per_s: float,
 ) -> LeaseRecord:
-    """Record progress and extend the lease to now + ttl; refused once it has expired."""
+    """Record progress and extend the lease to now + ttl; refused once it has ended.
+
+    A lease past its expiry that the reaper has not ended yet is extended: only the reaper
+    expires leases. A beat held up by a database outage lands late, and the reaper gives leases
+    a TTL's grace after one (see Coordinator._reap), which it could not if beats were refused."""
     lease = owned_active_lease(session, lease_id, worker_id)
-    if now > lease.expires_at:
-        raise CatalogueError(
-            "failed_precondition",
-            f"lease {lease_id!r} expired at {lease.expires_at:.3f}; acquire the unit again",
-        )
     if ttl <= 0:
         raise CatalogueError("invalid_argument", f"lease ttl must be > 0 seconds, got {ttl}")
-    lease.expires_at = now + ttl
+    # Never shortened: a beat retried through an outage carries the time it was first sent,
+    # and the reaper may have granted more since.
+    lease.expires_at = max(lease.expires_at, now + ttl)
     lease.step, lease.loss, lease.images_per_s = step, loss, images_per_s
     lease.updated_at = now
     return lease_records(session, [lease])[0]

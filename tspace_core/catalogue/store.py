@@ -108,8 +108,10 @@ class Catalogue:
         heartbeat, touch_worker, expire_leases and set_alias write the same values again or
         find nothing left to do; add_checkpoint and create_job are idempotent (by digest, by
         name and hash), add_checkpoint then answering (record, False); the operator's changes
-        (change_job, revoke_*, retry_unit, reset_unit, register_*) are refused as already made,
-        which is true; add_event may log its event twice. The writes that would wrongly be
+        (change_job, revoke_*, retry_unit, register_*) are refused as already made, so the
+        operator sees a refusal for a change that did happen (a listing shows it); reset_unit
+        runs again, repeating the reset (a second event, and a lease granted on the unit in
+        between cancelled); add_event may log its event twice. The writes that would wrongly be
         refused (complete_unit, fail_lease, register_worker, add_token) or repeated (acquire,
         which would lease a second unit) pass `recover`: once an outcome is unknown it runs
         first and returns (result,) when that COMMIT took effect.
