@@ -283,12 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--minutes", type=float, default=10.0, help="span the faults land in")
     parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--units", type=int, default=0, help="default: 3 per minute of faults")
+    parser.add_argument("--units", type=int, default=0, help="default: 5 per minute of faults")
     parser.add_argument("--catalogue", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--json", type=Path, help="write the run and the audit here")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it")
     args = parser.parse_args(argv)
-    units = args.units or max(int(args.minutes * 3), 2)
+    units = args.units or max(int(args.minutes * 5), 2)
     settings = Settings(
         seed=args.seed,
         seconds=args.minutes * 60,
