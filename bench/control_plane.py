@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -45,7 +47,7 @@ from typing import Any
 import grpc
 
 from coordinator.config import hash_secret
-from tspace_core.catalogue import Catalogue
+from tspace_core.catalogue import Beat, Catalogue
 from tspace_core.proto.tspace.v1 import worker_pb2, worker_pb2_grpc
 from tspace_core.rpc import CREDENTIAL_HEADER, ChannelSecurity, open_channel
 
@@ -55,7 +57,7 @@ import soak
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LEASE_TTL_S = 3600.0  # nothing expires during a run
 TIMEOUT_S = 30.0
-MODES = ("heartbeat", "acquire")
+MODES = ("heartbeat", "acquire", "paced")
 
 
 # --- the client processes (run as `control_plane.py --client`, spec as JSON on stdin) ---
@@ -113,6 +115,62 @@ def acquire_loop(stub: Any, md: Any, lease_id: str, t0: float, t1: float) -> dic
     return {"latencies": latencies, "done": done, "errors": errors, "lease": lease}
 
 
+def paced_loop(
+    stub: Any,
+    md: Any,
+    lease_id: str,
+    t0: float,
+    t1: float,
+    beat_every: float,
+    acquire_every: float,
+    seed: int,
+) -> dict[str, Any]:
+    """A worker at a steady pace: a heartbeat every `beat_every` s, and, at Poisson times
+    `acquire_every` s apart on average, its unit given back and a new one leased (AcquireUnit
+    timed). Acquires are offered at a fixed rate whatever the answers take (an open loop), so
+    their latency is that of a coordinator under this load, not of a queue of waiting
+    workers."""
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    done, errors = 0, Counter[str]()
+    lease: str | None = lease_id
+    now = time.monotonic()
+    next_beat = now + rng.uniform(0, beat_every)
+    next_acquire = now + rng.expovariate(1 / acquire_every)
+    step = 0
+    while True:
+        if time.monotonic() >= t1 and lease is not None:
+            break
+        due = min(next_beat, next_acquire)
+        time.sleep(max(0.0, due - time.monotonic()))
+        try:
+            if lease is not None and next_beat <= next_acquire:
+                next_beat += beat_every
+                step += 1
+                beat = worker_pb2.HeartbeatRequest(lease_id=lease, step=step, loss=0.1)
+                stub.Heartbeat(beat, metadata=md, timeout=TIMEOUT_S)
+                continue
+            next_acquire += rng.expovariate(1 / acquire_every)
+            if lease is not None:
+                request = worker_pb2.FailUnitRequest(lease_id=lease, error="bench: given back")
+                stub.FailUnit(request, metadata=md, timeout=TIMEOUT_S)
+                lease = None
+            start = time.monotonic()
+            answer = stub.AcquireUnit(worker_pb2.AcquireUnitRequest(), metadata=md, timeout=60)
+        except grpc.RpcError as err:
+            errors[f"{err.code().name if isinstance(err, grpc.Call) else '?'}"] += 1
+            continue
+        end = time.monotonic()
+        if answer.WhichOneof("result") == "assignment":
+            lease = answer.assignment.lease_id
+        else:
+            errors["AcquireUnit no_work"] += 1
+        if t0 <= start <= t1:
+            latencies.append(end - start)
+        done += t0 <= end <= t1
+    return {"latencies": latencies, "done": done, "errors": errors, "lease": lease}
+
+
 def client_main() -> None:
     """One client process: connect, say "ready", wait for "T0 T1", run, print JSON results."""
     spec = json.loads(sys.stdin.readline())
@@ -125,13 +183,25 @@ def client_main() -> None:
     for channel in channels:
         grpc.channel_ready_future(channel).result(timeout=TIMEOUT_S)
     stubs = [worker_pb2_grpc.WorkerServiceStub(c) for c in channels]
-    loop = heartbeat_loop if spec["mode"] == "heartbeat" else acquire_loop
+    loops: dict[str, Any] = {"heartbeat": heartbeat_loop, "acquire": acquire_loop}
+    loops["paced"] = functools.partial(
+        paced_loop, beat_every=spec["beat_every"], acquire_every=spec["acquire_every"]
+    )
+    loop = loops[spec["mode"]]
     print("ready", flush=True)
     t0, t1 = map(float, sys.stdin.readline().split())
     with ThreadPoolExecutor(max_workers=len(workers)) as pool:
         futures = [
-            pool.submit(loop, stubs[i % len(stubs)], ((CREDENTIAL_HEADER, cred),), lease, t0, t1)
-            for i, (cred, lease) in enumerate(workers)
+            pool.submit(
+                loop,
+                stubs[i % len(stubs)],
+                ((CREDENTIAL_HEADER, cred),),
+                lease,
+                t0,
+                t1,
+                **({"seed": seed} if spec["mode"] == "paced" else {}),
+            )
+            for i, (cred, lease, seed) in enumerate(workers)
         ]
         results = [f.result() for f in futures]
     for channel in channels:
@@ -211,7 +281,7 @@ def cpu_s(pid: int) -> float:
 def start_clients(fleet: Fleet, mode: str, args: Any) -> list[subprocess.Popen[str]]:
     """--procs client processes (fewer for a small fleet), each with a slice of the workers."""
     procs = max(1, min(args.procs, fleet.workers))
-    pairs = list(zip(fleet.credentials, fleet.leases, strict=True))
+    triples = list(zip(fleet.credentials, fleet.leases, range(fleet.workers), strict=True))
     children = []
     for k in range(procs):
         spec = {
@@ -219,7 +289,9 @@ def start_clients(fleet: Fleet, mode: str, args: Any) -> list[subprocess.Popen[s
             "ca": str(fleet.ca),
             "mode": mode,
             "channels": args.channels,
-            "workers": pairs[k::procs],
+            "workers": triples[k::procs],
+            "beat_every": args.beat_every,
+            "acquire_every": fleet.workers / args.acquire_rate,
         }
         child = subprocess.Popen(
             [sys.executable, __file__, "--client"],
@@ -306,8 +378,11 @@ def step_costs(fleet: Fleet, repeat: int) -> dict[str, list[float]]:
     steps = {
         "worker_by_credential (read)": lambda: catalogue.worker_by_credential(credential_hash),
         "touch_worker (write)": lambda: catalogue.touch_worker(worker_id, time.time()),
-        "heartbeat (write)": lambda: catalogue.heartbeat(
+        "beat (write, one per transaction)": lambda: catalogue.beat(
             lease, worker_id, time.time(), LEASE_TTL_S, 1, 0.1, 1.0
+        ),
+        "32 beats in one transaction, per beat": lambda: catalogue.beat_many(
+            [Beat(lease, worker_id, time.time(), LEASE_TTL_S, 1, 0.1, 1.0)] * 32
         ),
         "fsync 4 KiB": fsync,
     }
@@ -320,7 +395,8 @@ def step_costs(fleet: Fleet, repeat: int) -> dict[str, list[float]]:
                 step()
                 times.append(time.perf_counter() - started)
             cpu = (time.process_time() - cpu0) / repeat
-            costs[name] = [1000 * statistics.median(times), 1000 * cpu]
+            per = 32 if name.startswith("32 beats") else 1
+            costs[name] = [1000 * statistics.median(times) / per, 1000 * cpu / per]
     finally:
         os.close(fd)
         catalogue.close()
@@ -383,6 +459,10 @@ def rows(fleets: list[Fleet]) -> list[dict[str, Any]]:
             "acquire_ms_p99": median(f, "acquire", "ms_p99"),
             "acquire_coord_cpu": median(f, "acquire", "coordinator_cpu_s_per_s"),
             "acquire_client_cpu": median(f, "acquire", "client_cpu_s_per_s"),
+            "paced_acquires_per_s": median(f, "paced", "per_s"),
+            "paced_acquire_ms_p50": median(f, "paced", "ms_p50"),
+            "paced_acquire_ms_p99": median(f, "paced", "ms_p99"),
+            "paced_coord_cpu": median(f, "paced", "coordinator_cpu_s_per_s"),
             "errors": sum(r["errors"] for m in MODES for r in f.runs[m]),
         }
         for f in fleets
@@ -402,6 +482,10 @@ COLUMNS = (  # (key, header, format)
     ("acquire_ms_p99", "acq p99", "{:>8.1f}"),
     ("acquire_coord_cpu", "coord CPU", "{:>9.2f}"),
     ("acquire_client_cpu", "clnt CPU", "{:>8.2f}"),
+    ("paced_acquires_per_s", "paced acq/s", "{:>11.0f}"),
+    ("paced_acquire_ms_p50", "paced p50", "{:>9.1f}"),
+    ("paced_acquire_ms_p99", "paced p99", "{:>9.1f}"),
+    ("paced_coord_cpu", "coord CPU", "{:>9.2f}"),
     ("errors", "errors", "{:>6.0f}"),
 )
 
@@ -436,10 +520,12 @@ def report(args: argparse.Namespace, fleets: list[Fleet], costs: dict[str, Any])
         )
     for r in table:
         if r["workers"] == 100:
-            ok = r["acquire_ms_p99"] < 50
+            ok = r["paced_acquire_ms_p99"] < 50
             print(
-                f"target p99 acquire < 50 ms at 100 workers ({r['catalogue']}): "
-                f"{r['acquire_ms_p99']:.1f} ms, {'met' if ok else 'MISSED'}"
+                f"target p99 acquire < 50 ms at 100 workers ({r['catalogue']}; paced, "
+                f"{args.acquire_rate:g} acquires/s offered, a beat per worker every "
+                f"{args.beat_every:g} s): {r['paced_acquire_ms_p99']:.1f} ms, "
+                f"{'met' if ok else 'MISSED'}"
             )
     if args.json:
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -474,6 +560,12 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2, help="client processes")
     parser.add_argument("--channels", type=int, default=8, help="channels per client process")
     parser.add_argument("--repeat", type=int, default=200, help="calls per step timed")
+    parser.add_argument(
+        "--acquire-rate", type=float, default=20.0, help="acquires/s offered in the paced mode"
+    )
+    parser.add_argument(
+        "--beat-every", type=float, default=1.0, help="s between a worker's beats when paced"
+    )
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output folder")
     parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     parser.add_argument("--json", type=Path, default=None)

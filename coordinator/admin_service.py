@@ -161,6 +161,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self.state.require_admin(context)
         now = self.state.clock()
         revocation = self.state.catalogue.revoke_worker(request.worker_id[:MAX_TEXT], now)
+        self.state.forget_worker(revocation.worker.worker_id)
         return admin_pb2.RevokeWorkerResponse(
             worker=serde.worker_to_proto(revocation.worker, now),
             requeued=[admin_pb2.RequeuedUnit(job=j, unit=u) for j, u in revocation.requeued],

@@ -95,7 +95,7 @@ class Coordinator:
                 AuthInterceptor(state, client_certs=state.client_certs),
             ],
         )
-        workers = WorkerService(state, self.metrics)
+        workers = self.workers = WorkerService(state, self.metrics)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(workers, self.server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(state), self.server)
         self.health = health.HealthServicer()
@@ -178,6 +178,7 @@ class Coordinator:
         if self.enrol_server is not None:
             self.enrol_server.stop(grace).wait()
         self.server.stop(grace).wait()
+        self.workers.beats.close()  # the handlers have returned; nothing is queued any more
         if self._metrics_server is not None:
             self._metrics_server.stop()  # before the catalogue it reads closes
         self.state.catalogue.close()

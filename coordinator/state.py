@@ -8,6 +8,7 @@ import functools
 import hmac
 import inspect
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,13 @@ from tspace_core.rpc import ADMIN_HEADER, CREDENTIAL_HEADER
 from tspace_core.tls import Issued
 
 MAX_TEXT = 256
+# A worker looked up by its credential is trusted from memory this long. Revocation through
+# this coordinator forgets it at once (forget_worker); the bound covers changes made to a
+# shared catalogue by anything else.
+CREDENTIAL_CACHE_S = 5.0
+CREDENTIAL_CACHE_SIZE = 100_000
+# A worker's last_seen is written at most this often (every call would be a write each).
+LAST_SEEN_EVERY_S = 5.0
 LEASE_ID = re.compile(r"l-[0-9a-f]{16}")  # as the catalogue makes them
 
 CATALOGUE_CODES = {
@@ -88,6 +96,22 @@ class CoordinatorState:
             admin_credential_hash=hash_secret(admin),
         )
 
+    def __post_init__(self) -> None:
+        # Credential digest -> (worker, monotonic time read): most calls skip the database.
+        self._credentials: dict[str, tuple[WorkerRecord, float]] = {}
+        # Worker id -> monotonic time its last_seen was last written.
+        self._seen: dict[str, float] = {}
+        self._credentials_lock = threading.Lock()
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop what is cached of a worker (call after revoking it): its next call is checked
+        against the catalogue again."""
+        with self._credentials_lock:
+            for digest, (record, _) in list(self._credentials.items()):
+                if record.worker_id == worker_id:
+                    del self._credentials[digest]
+            self._seen.pop(worker_id, None)
+
     def worker(self, context: grpc.ServicerContext) -> WorkerRecord:
         """The worker a call comes from: the one the auth interceptor found, else looked up by
         its credential (the call is aborted when there is none)."""
@@ -101,9 +125,20 @@ class CoordinatorState:
         credential = metadata(context).get(CREDENTIAL_HEADER)
         if not credential:
             abort(context, grpc.StatusCode.UNAUTHENTICATED, "no worker credential; register first")
-        # Called by the auth interceptor, outside any handler's handles_errors.
-        with catalogue_errors(context):
-            record = self.catalogue.worker_by_credential(hash_secret(credential))
+        digest, now = hash_secret(credential), time.monotonic()
+        with self._credentials_lock:
+            cached = self._credentials.get(digest)
+        if cached is not None and now - cached[1] < CREDENTIAL_CACHE_S:
+            record: WorkerRecord | None = cached[0]
+        else:
+            # Called by the auth interceptor, outside any handler's handles_errors.
+            with catalogue_errors(context):
+                record = self.catalogue.worker_by_credential(digest)
+            if record is not None:
+                with self._credentials_lock:
+                    if len(self._credentials) >= CREDENTIAL_CACHE_SIZE:
+                        self._credentials.clear()
+                    self._credentials[digest] = (record, now)
         if record is None:
             abort(
                 context,
@@ -114,8 +149,13 @@ class CoordinatorState:
             abort(
                 context, grpc.StatusCode.PERMISSION_DENIED, f"worker {record.worker_id} is revoked"
             )
-        with catalogue_errors(context):
-            self.catalogue.touch_worker(record.worker_id, self.clock())
+        with self._credentials_lock:
+            due = now - self._seen.get(record.worker_id, -LAST_SEEN_EVERY_S) >= LAST_SEEN_EVERY_S
+            if due:
+                self._seen[record.worker_id] = now
+        if due:
+            with catalogue_errors(context):
+                self.catalogue.touch_worker(record.worker_id, self.clock())
         return record
 
     def is_admin(self, context: grpc.ServicerContext) -> bool:

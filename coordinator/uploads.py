@@ -317,7 +317,11 @@ def _metrics(context: grpc.ServicerContext, metrics: Any) -> dict[str, float | N
             abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, f"checkpoint metric {name!r}: a number"
             )
-        out[str(name)[:MAX_TEXT]] = float(value) if math.isfinite(value) else None
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            number = math.inf
+        out[str(name)[:MAX_TEXT]] = number if math.isfinite(number) else None
     return out
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import NoReturn
 
 import grpc
 
 from coordinator import limits
+from coordinator.beats import BeatWriter
 from coordinator.config import hash_secret, new_secret
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import choose_unit, retry_after
@@ -24,13 +26,14 @@ from coordinator.state import (
 from coordinator.uploads import UploadCheck, receive_checkpoint
 from tspace_core import serde, tls
 from tspace_core.blobs import CorruptBlob
-from tspace_core.catalogue import CatalogueError
+from tspace_core.catalogue import Beat, CatalogueError
 from tspace_core.catalogue.records import (
     JOB_ACTIVE,
     JOB_PAUSED,
     UNIT_LEASED,
     UNIT_PENDING,
     CorruptCheckpoint,
+    JobRecord,
     LeaseRecord,
 )
 from tspace_core.proto.tspace.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -44,6 +47,9 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, state: CoordinatorState, metrics: CoordinatorMetrics | None = None) -> None:
         self.state = state
         self.metrics = CoordinatorMetrics(state.catalogue) if metrics is None else metrics
+        self._jobs: dict[str, tuple[JobRecord, dict]] = {}
+        self._jobs_lock = threading.Lock()
+        self.beats = BeatWriter(state.catalogue)
 
     @handles_errors
     def Register(self, request, context):
@@ -114,20 +120,23 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             )
         return worker_pb2.AcquireUnitResponse(assignment=self._assignment(lease))
 
+    def _job(self, name: str) -> tuple[JobRecord, dict]:
+        """A job's record and parsed spec, read once: what an assignment takes from them (name,
+        hash, spec, shards) never changes, as a job's name cannot be given to another spec."""
+        with self._jobs_lock:
+            known = self._jobs.get(name)
+        if known is None:
+            job = self.state.catalogue.get_job(name)
+            known = (job, json.loads(job.spec_json))
+            with self._jobs_lock:
+                self._jobs[name] = known
+        return known
+
     def _assignment(self, lease: LeaseRecord) -> worker_pb2.Assignment:
         catalogue = self.state.catalogue
-        job = catalogue.get_job(lease.job)
-        resolved = json.loads(job.spec_json)
+        job, resolved = self._job(lease.job)
         timesteps = tuple(resolved["units"][lease.unit])
         alphas = dict(zip(resolved["latent_states"], resolved["alphas_cumprod"], strict=True))
-        catalogue.add_event(
-            "unit_leased",
-            f"unit {lease.unit} of {lease.job} to {lease.worker_id} (attempt {lease.attempt})",
-            self.state.clock(),
-            job=lease.job,
-            unit=lease.unit,
-            worker_id=lease.worker_id,
-        )
         return serde.assignment_to_proto(
             serde.Assignment(
                 lease_id=lease.lease_id,
@@ -153,14 +162,16 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         step = limits.int_field(context, request.step, "step", 0, limits.MAX_STEP)
         rate = limits.rate_field(context, request.images_per_s, "images_per_s")
         try:
-            self.state.catalogue.heartbeat(
-                request.lease_id,
-                worker.worker_id,
-                self.state.clock(),
-                ttl,
-                step,
-                limits.loss_value(request.loss),
-                rate,
+            self.beats.beat(
+                Beat(
+                    request.lease_id,
+                    worker.worker_id,
+                    self.state.clock(),
+                    ttl,
+                    step,
+                    limits.loss_value(request.loss),
+                    rate,
+                )
             )
         except CatalogueError as exc:
             if exc.code not in ("failed_precondition", "not_found"):

@@ -9,7 +9,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from tspace_core.errors import BlobError
 from tspace_core.fsio import CHUNK_BYTES, fsync_dir, sha256_file
@@ -43,6 +43,9 @@ class BlobStore:
         self.objects.mkdir(parents=True, exist_ok=True)
         self.uploads.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # Upload key -> (SHA-256 of its bytes so far, how many): a finished upload is verified
+        # without reading it back.
+        self._digests: dict[str, tuple[Any, int]] = {}
 
     # -- objects ------------------------------------------------------------------------------
 
@@ -130,9 +133,12 @@ class BlobStore:
                 raise BlobError(
                     f"upload {key!r} would be {new_size} bytes; the limit is {max_size}"
                 )
+            digest = self._digest_at(key, part, held)
             with open(part, "ab") as f:
                 f.write(data)
                 f.flush()
+            digest.update(data)
+            self._digests[key] = (digest, new_size)
         return new_size
 
     def finish(self, key: str, sha256: str, size: int) -> Path:
@@ -155,8 +161,9 @@ class BlobStore:
                 raise BlobError(
                     f"no upload in progress for {key!r}; start it at offset 0"
                 ) from None
+            known = self._digests.pop(key, None)
         try:
-            self._check_upload(key, tmp, sha256, size)
+            self._check_upload(key, tmp, sha256, size, known)
             _fsync_file(tmp)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -167,6 +174,7 @@ class BlobStore:
     def discard(self, key: str) -> None:
         with self._lock:
             self._part(key).unlink(missing_ok=True)
+            self._digests.pop(key, None)
 
     def digests(self) -> list[str]:
         """The digests of every blob in the store."""
@@ -214,14 +222,33 @@ class BlobStore:
             )
         return self.uploads / f"{key}.part"
 
-    def _check_upload(self, key: str, tmp: Path, sha256: str, size: int) -> None:
+    def _digest_at(self, key: str, part: Path, held: int) -> Any:
+        """The running SHA-256 of upload `key` over its first `held` bytes: the one kept since
+        the last append, or, after a restart or a sweep, one made by reading them back once."""
+        known = self._digests.get(key)
+        if known is not None and known[1] == held:
+            return known[0]
+        digest = hashlib.sha256()
+        if held:
+            with open(part, "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    digest.update(chunk)
+        return digest
+
+    def _check_upload(
+        self, key: str, tmp: Path, sha256: str, size: int, known: tuple[Any, int] | None
+    ) -> None:
         actual_size = tmp.stat().st_size
         if actual_size != size:
             raise BlobError(
                 f"upload {key!r} is {actual_size} bytes, expected {size}; "
                 "it was discarded, upload again from offset 0"
             )
-        actual = sha256_file(tmp)
+        # Hashed while it arrived, as it was written; read back only when that hash is not of
+        # exactly these bytes (an upload held across a restart hashes its prefix once, on its
+        # next append).
+        actual = known[0].hexdigest() if known is not None and known[1] == size else None
+        actual = actual or sha256_file(tmp)
         if actual != sha256:
             raise BlobError(
                 f"upload {key!r} has digest {actual[:12]}, expected {sha256[:12]}; "

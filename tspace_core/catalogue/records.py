@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 # Unit and lease life cycles. A unit is pending -> leased -> done, or back to pending when its
 # lease expires or fails, and failed once it has used up its attempts. An operator can retry a
@@ -83,6 +83,18 @@ class LeaseRecord:
     step: int = 0
     loss: float = 0.0
     images_per_s: float = 0.0
+
+
+class Beat(NamedTuple):
+    """One heartbeat of a lease: its progress, and the time and TTL it extends the lease by."""
+
+    lease_id: str
+    worker_id: str
+    now: float
+    ttl: float
+    step: int
+    loss: float
+    images_per_s: float
 
 
 @dataclass(frozen=True)

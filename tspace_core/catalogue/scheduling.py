@@ -5,8 +5,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import cast
 
-from sqlalchemy import CursorResult, and_, func, select, update
+from sqlalchemy import CursorResult, Table, and_, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
 from tspace_core.catalogue.enrolment import add_event
@@ -140,57 +141,158 @@ def units(session: Session, job: str | None = None) -> list[UnitRecord]:
     ]
 
 
+# How many pending units an acquire reads at a time, fewest attempts first.
+ACQUIRE_WINDOW = 16
+
+
 def acquire(
     session: Session, worker_id: str, now: float, ttl: float, choose: Choose
 ) -> LeaseRecord | None:
     """Lease the pending unit of an active job that `choose` picks, or None when it picks none.
 
-    A unit is claimed by a conditional UPDATE (status still pending); when another thread won
-    it, the unit leaves the candidates and `choose` is asked again.
+    `choose` is offered at most ACQUIRE_WINDOW pending units at a time, fewest attempts first,
+    then in catalogue order (jobs by creation, units by index): the units a fewest-attempts
+    policy would pick, without reading every pending unit. On PostgreSQL the window skips units
+    another acquire has locked, so concurrent acquires take different units instead of queueing
+    on one row. A unit is claimed by a conditional UPDATE (status still pending); when another
+    transaction won it, the unit leaves the candidates and `choose` is asked again, and when
+    the window runs out the next one is read. The lease is logged as a "unit_leased" event.
     """
     worker_row(session, worker_id, active=True)
     if ttl <= 0:
         raise CatalogueError("invalid_argument", f"lease ttl must be > 0 seconds, got {ttl}")
-    rows = session.execute(
-        select(Unit, Job)
-        .join(Job, Unit.job_id == Job.id)
-        .where(Unit.status == UNIT_PENDING, Job.status == JOB_ACTIVE)
-        .order_by(Job.created_at, Job.id, Unit.unit)
-    ).all()
-    ids = {(j.name, u.unit): u.id for u, j in rows}
-    candidates = [unit_record(u, j, None) for u, j in rows]
-    while candidates:
-        pick = choose(list(candidates))
-        if pick is None:
-            return None
-        key = (pick.job, pick.unit)
-        if key not in ids:
-            raise ValueError(f"choose returned unit {key}, which was not offered")
-        claimed: CursorResult[tuple[()]] = session.execute(  # type: ignore[assignment]
-            update(Unit)
-            .where(Unit.id == ids[key], Unit.status == UNIT_PENDING)
-            .values(status=UNIT_LEASED, attempts=Unit.attempts + 1)
-            .execution_options(synchronize_session=False)
+    tried: set[int] = set()
+    skip_locked = True
+    while True:
+        pending = (
+            select(Unit, Job)
+            .join(Job, Unit.job_id == Job.id)
+            .where(Unit.status == UNIT_PENDING, Job.status == JOB_ACTIVE, Unit.id.not_in(tried))
         )
-        if claimed.rowcount == 1:
-            attempt = session.scalar(select(Unit.attempts).where(Unit.id == ids[key]))
-            lease = Lease(
-                lease_id="l-" + secrets.token_hex(8),
-                unit_id=ids[key],
-                worker_id=worker_id,
-                attempt=int(attempt or 0),
-                expires_at=now + ttl,
-                status=LEASE_ACTIVE,
-                step=0,
-                loss=0.0,
-                images_per_s=0.0,
-                updated_at=now,
+        rows = session.execute(
+            pending.order_by(Unit.attempts, Job.created_at, Job.id, Unit.unit)
+            .limit(ACQUIRE_WINDOW)
+            .with_for_update(of=Unit, skip_locked=skip_locked)
+        ).all()
+        if not rows:
+            # PostgreSQL leaves out rows that are locked or were taken since the statement
+            # began, so an empty window does not mean nothing is pending: when something is,
+            # wait for the locks this time.
+            if session.execute(pending.limit(1)).first() is None:
+                return None
+            skip_locked = False
+            continue
+        ids = {(j.name, u.unit): u.id for u, j in rows}
+        candidates = [unit_record(u, j, None) for u, j in rows]
+        tried.update(ids.values())
+        while candidates:
+            pick = choose(list(candidates))
+            if pick is None:
+                return None
+            key = (pick.job, pick.unit)
+            if key not in ids:
+                raise ValueError(f"choose returned unit {key}, which was not offered")
+            claimed: CursorResult[tuple[()]] = session.execute(  # type: ignore[assignment]
+                update(Unit)
+                .where(Unit.id == ids[key], Unit.status == UNIT_PENDING)
+                .values(status=UNIT_LEASED, attempts=Unit.attempts + 1)
+                .execution_options(synchronize_session=False)
             )
-            session.add(lease)
-            session.flush()
-            return lease_record(lease, pick.job, pick.unit)
-        candidates = [c for c in candidates if (c.job, c.unit) != key]
-    return None
+            if claimed.rowcount == 1:
+                return _lease(session, ids[key], pick, worker_id, now, ttl)
+            candidates = [c for c in candidates if (c.job, c.unit) != key]
+
+
+def _lease(
+    session: Session, unit_id: int, unit: UnitRecord, worker_id: str, now: float, ttl: float
+) -> LeaseRecord:
+    attempt = int(session.scalar(select(Unit.attempts).where(Unit.id == unit_id)) or 0)
+    lease = Lease(
+        lease_id="l-" + secrets.token_hex(8),
+        unit_id=unit_id,
+        worker_id=worker_id,
+        attempt=attempt,
+        expires_at=now + ttl,
+        status=LEASE_ACTIVE,
+        step=0,
+        loss=0.0,
+        images_per_s=0.0,
+        updated_at=now,
+    )
+    session.add(lease)
+    add_event(
+        session,
+        "unit_leased",
+        f"unit {unit.unit} of {unit.job} to {worker_id} (attempt {attempt})",
+        now,
+        job=unit.job,
+        unit=unit.unit,
+        worker_id=worker_id,
+    )
+    session.flush()
+    return lease_record(lease, unit.job, unit.unit)
+
+
+_lease_table = cast(Table, Lease.__table__)
+_leases = _lease_table.c
+# Built once: a statement built per call costs more than running it. Core, not ORM, for the same
+# reason; no Lease object of the session is ever stale by it, as beat loads none first.
+_BEAT = (
+    update(_lease_table)
+    .where(
+        _leases.lease_id == bindparam("b_lease_id"),
+        _leases.worker_id == bindparam("b_worker_id"),
+        _leases.status == LEASE_ACTIVE,
+    )
+    .values(
+        expires_at=case(
+            (_leases.expires_at < bindparam("b_expiry"), bindparam("b_expiry")),
+            else_=_leases.expires_at,
+        ),
+        step=bindparam("b_step"),
+        loss=bindparam("b_loss"),
+        images_per_s=bindparam("b_images_per_s"),
+        updated_at=bindparam("b_now"),
+    )
+)
+
+
+def beat(
+    session: Session,
+    lease_id: str,
+    worker_id: str,
+    now: float,
+    ttl: float,
+    step: int,
+    loss: float,
+    images_per_s: float,
+) -> None:
+    """Record progress and extend the lease to now + ttl; refused once it has ended.
+
+    One UPDATE guarded by holder and status, the hot path of every worker's heartbeat; only
+    when it matches no row is the lease read, to say why. A lease past its expiry that the
+    reaper has not ended yet is extended: only the reaper expires leases. A beat held up by a
+    database outage lands late, and the reaper gives leases a TTL's grace after one (see
+    Coordinator._reap), which it could not if beats were refused. The expiry is never
+    shortened: a beat retried through an outage carries the time it was first sent, and the
+    reaper may have granted more since."""
+    if ttl <= 0:
+        raise CatalogueError("invalid_argument", f"lease ttl must be > 0 seconds, got {ttl}")
+    updated = session.connection().execute(
+        _BEAT,
+        {
+            "b_lease_id": lease_id,
+            "b_worker_id": worker_id,
+            "b_expiry": now + ttl,
+            "b_step": step,
+            "b_loss": loss,
+            "b_images_per_s": images_per_s,
+            "b_now": now,
+        },
+    )
+    if updated.rowcount != 1:
+        owned_active_lease(session, lease_id, worker_id)  # raises the reason
+        raise AssertionError(f"lease {lease_id!r} is active but was not updated")
 
 
 def heartbeat(
@@ -203,20 +305,9 @@ def heartbeat(
     loss: float,
     images_per_s: float,
 ) -> LeaseRecord:
-    """Record progress and extend the lease to now + ttl; refused once it has ended.
-
-    A lease past its expiry that the reaper has not ended yet is extended: only the reaper
-    expires leases. A beat held up by a database outage lands late, and the reaper gives leases
-    a TTL's grace after one (see Coordinator._reap), which it could not if beats were refused."""
-    lease = owned_active_lease(session, lease_id, worker_id)
-    if ttl <= 0:
-        raise CatalogueError("invalid_argument", f"lease ttl must be > 0 seconds, got {ttl}")
-    # Never shortened: a beat retried through an outage carries the time it was first sent,
-    # and the reaper may have granted more since.
-    lease.expires_at = max(lease.expires_at, now + ttl)
-    lease.step, lease.loss, lease.images_per_s = step, loss, images_per_s
-    lease.updated_at = now
-    return lease_records(session, [lease])[0]
+    """`beat`, then the lease as it is now."""
+    beat(session, lease_id, worker_id, now, ttl, step, loss, images_per_s)
+    return lease_records(session, [lease_row(session, lease_id)])[0]
 
 
 def get_lease(session: Session, lease_id: str) -> LeaseRecord:

@@ -20,6 +20,7 @@ from tspace_core.catalogue.engine import WRITE_OPTION, is_busy, is_disconnect, m
 from tspace_core.catalogue.errors import CatalogueError, unavailable
 from tspace_core.catalogue.records import (
     AliasRecord,
+    Beat,
     CheckpointRecord,
     CorruptCheckpoint,
     EnsembleRecord,
@@ -278,12 +279,44 @@ class Catalogue:
         loss: float,
         images_per_s: float,
     ) -> LeaseRecord:
-        """Record progress and extend an active, unexpired lease to now + ttl."""
+        """Record progress and extend an active lease to at least now + ttl; the lease after."""
         return self._run(
             lambda s: scheduling.heartbeat(
                 s, lease_id, worker_id, now, ttl, step, loss, images_per_s
             )
         )
+
+    def beat(
+        self,
+        lease_id: str,
+        worker_id: str,
+        now: float,
+        ttl: float,
+        step: int,
+        loss: float,
+        images_per_s: float,
+    ) -> None:
+        """`heartbeat` without reading the lease back: one UPDATE, for the coordinator's hot
+        path."""
+        self._run(
+            lambda s: scheduling.beat(s, lease_id, worker_id, now, ttl, step, loss, images_per_s)
+        )
+
+    def beat_many(self, beats: Sequence[Beat]) -> list[CatalogueError | None]:
+        """Apply many `beat`s in one transaction (one commit, one fsync, instead of one each);
+        each beat's outcome, in order: None, or the error `beat` would have raised for it."""
+
+        def work(session: Session) -> list[CatalogueError | None]:
+            outcomes: list[CatalogueError | None] = []
+            for b in beats:
+                try:
+                    scheduling.beat(session, *b)
+                    outcomes.append(None)
+                except CatalogueError as e:  # raised before any write of its own
+                    outcomes.append(e)
+            return outcomes
+
+        return self._run(work)
 
     def get_lease(self, lease_id: str) -> LeaseRecord:
         return self._run(lambda s: scheduling.get_lease(s, lease_id), write=False)

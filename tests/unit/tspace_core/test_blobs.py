@@ -253,3 +253,42 @@ def test_a_corrupt_object_is_replaced_by_the_same_bytes_stored_again(tmp_path: P
     store.finish("third", SHA, len(DATA))
     assert store.path(SHA).stat().st_ino == before
     assert files_under(tmp_path / "uploads") == []
+
+
+def test_an_upload_is_hashed_as_it_arrives_not_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = BlobStore(tmp_path)
+    data = os.urandom(3 * 2**20 + 17)
+    sha = hashlib.sha256(data).hexdigest()
+    offset = 0
+    for start in range(0, len(data), 2**20):
+        offset = store.append("up", offset, data[start : start + 2**20])
+
+    def no_read_back(path: object) -> str:
+        raise AssertionError("finish read the upload back")
+
+    monkeypatch.setattr("tspace_core.blobs.sha256_file", no_read_back)
+    assert store.finish("up", sha, len(data)).read_bytes() == data
+
+
+def test_an_upload_resumed_by_a_new_store_hashes_its_held_prefix(tmp_path: Path) -> None:
+    data = os.urandom(2**20 + 5)
+    sha = hashlib.sha256(data).hexdigest()
+    BlobStore(tmp_path).append("up", 0, data[:1000])
+    restarted = BlobStore(tmp_path)  # the coordinator came back: nothing is known in memory
+    restarted.append("up", 1000, data[1000:])
+    assert restarted.finish("up", sha, len(data)).read_bytes() == data
+
+
+def test_bytes_changed_on_disk_before_a_resume_are_caught(tmp_path: Path) -> None:
+    data = os.urandom(4096)
+    sha = hashlib.sha256(data).hexdigest()
+    BlobStore(tmp_path).append("up", 0, data[:2048])
+    part = tmp_path / "uploads" / "up.part"
+    part.write_bytes(b"\x00" * 2048)  # the held prefix rotted while the coordinator was down
+    restarted = BlobStore(tmp_path)
+    restarted.append("up", 2048, data[2048:])
+    with pytest.raises(BlobError, match="digest"):
+        restarted.finish("up", sha, len(data))
+    assert not restarted.has(sha) and restarted.upload_offset("up") == 0

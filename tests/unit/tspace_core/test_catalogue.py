@@ -31,6 +31,7 @@ from tspace_core.catalogue import (
     UNIT_PENDING,
     WORKER_ACTIVE,
     WORKER_REVOKED,
+    Beat,
     Catalogue,
     CatalogueError,
     CheckpointRecord,
@@ -47,6 +48,7 @@ from tspace_core.catalogue import (
 )
 from tspace_core.catalogue.engine import alembic_config
 from tspace_core.catalogue.models import Base
+from tspace_core.catalogue.scheduling import ACQUIRE_WINDOW
 
 T0 = 1_700_000_000.0
 TTL = 30.0
@@ -280,6 +282,35 @@ def test_acquire_leases_pending_units(cat: Catalogue) -> None:
     refused("invalid_argument", cat.acquire, worker, T0, 0, first)
 
 
+def test_acquire_offers_a_window_fewest_attempts_first(cat: Catalogue) -> None:
+    n_units = ACQUIRE_WINDOW * 2 + 3
+    add_job(cat, units=[[i] for i in range(n_units)])
+    worker = enrol(cat).worker_id
+    # Units 5 and 6 have had an attempt each (failed once), so they come after the fresh ones.
+    for unit in (5, 6):
+        lease = cat.acquire(worker, T0, TTL, lambda us, u=unit: next(x for x in us if x.unit == u))
+        assert lease is not None and lease.unit == unit
+        cat.fail_lease(lease.lease_id, worker, "x", T0, max_attempts=5)
+    offered: list[list[tuple[int, int]]] = []
+
+    def refuse_first_window(units: list[UnitRecord]) -> UnitRecord | None:
+        offered.append([(u.attempts, u.unit) for u in units])
+        return units[0]
+
+    fresh = [(0, u) for u in range(n_units) if u not in (5, 6)]
+    leased = []
+    for _ in range(n_units):
+        lease = cat.acquire(worker, T0, TTL, refuse_first_window)
+        assert lease is not None
+        leased.append(lease.unit)
+    assert cat.acquire(worker, T0, TTL, refuse_first_window) is None
+    # Every unit leased once, fewest attempts first, each time from a window of the best ones.
+    assert leased == [u for _, u in fresh] + [5, 6]
+    assert offered[0] == fresh[:ACQUIRE_WINDOW]
+    assert all(len(window) <= ACQUIRE_WINDOW for window in offered)
+    assert offered[-1] == [(1, 6)]
+
+
 def test_heartbeat_extends_and_reports_progress(cat: Catalogue) -> None:
     add_job(cat)
     a, b = enrol(cat, "ka").worker_id, enrol(cat, "kb").worker_id
@@ -294,6 +325,32 @@ def test_heartbeat_extends_and_reports_progress(cat: Catalogue) -> None:
     refused("failed_precondition", cat.heartbeat, lease.lease_id, b, T0 + 1, *beat_args)
     refused("not_found", cat.heartbeat, "l-0", a, T0, *beat_args)
     refused("not_found", cat.get_lease, "l-0")
+
+
+def test_beat_many_gives_each_beat_its_own_outcome(cat: Catalogue) -> None:
+    add_job(cat)
+    a, b = enrol(cat, "ka").worker_id, enrol(cat, "kb").worker_id
+    good, ended = cat.acquire(a, T0, TTL, first), cat.acquire(a, T0, TTL, first)
+    assert good is not None and ended is not None
+    cat.fail_lease(ended.lease_id, a, "boom", T0, max_attempts=3)
+    outcomes = cat.beat_many(
+        [
+            Beat(good.lease_id, a, T0 + 1, TTL, 5, 0.5, 10.0),
+            Beat(ended.lease_id, a, T0 + 1, TTL, 5, 0.5, 10.0),
+            Beat(good.lease_id, b, T0 + 1, TTL, 6, 0.5, 10.0),
+            Beat("l-0000000000000000", a, T0 + 1, TTL, 5, 0.5, 10.0),
+            Beat(good.lease_id, a, T0 + 2, TTL, 7, 0.25, 20.0),
+        ]
+    )
+    assert outcomes[0] is None and outcomes[4] is None
+    codes = [(o.code, str(o)) for o in outcomes[1:4] if o is not None]
+    assert [c for c, _ in codes] == ["failed_precondition", "failed_precondition", "not_found"]
+    assert "has ended (failed)" in codes[0][1] and "held by another worker" in codes[1][1]
+    # The refused beats wrote nothing; the good ones landed in order.
+    assert cat.get_lease(good.lease_id) == replace(
+        good, expires_at=T0 + 2 + TTL, step=7, loss=0.25, images_per_s=20.0
+    )
+    assert cat.get_lease(ended.lease_id).step == 0
 
 
 def test_expire_requeues_until_attempts_are_exhausted(cat: Catalogue) -> None:
@@ -314,11 +371,10 @@ def test_expire_requeues_until_attempts_are_exhausted(cat: Catalogue) -> None:
     # Its only unit is out of attempts: the job has failed, until an operator retries the unit.
     assert (cat.get_job("digits").units_failed, cat.get_job("digits").status) == (1, JOB_FAILED)
     kinds = [(e.kind, e.job, e.unit, e.worker_id) for e in cat.events()]
-    assert (
-        kinds
-        == [("job_failed", "digits", None, None)] + [("lease_expired", "digits", 0, worker)] * 2
-    )
+    expired, leased = ("lease_expired", "digits", 0, worker), ("unit_leased", "digits", 0, worker)
+    assert kinds == [("job_failed", "digits", None, None), expired, leased, expired, leased]
     assert "unit failed" in cat.events()[1].message
+    assert cat.events()[2].message == f"unit 0 of digits to {worker} (attempt 2)"
 
 
 def test_only_the_reaper_expires_and_a_beat_never_shortens_a_lease(cat: Catalogue) -> None:
@@ -363,26 +419,32 @@ def test_fail_lease_records_the_error(cat: Catalogue) -> None:
     assert (unit.status, unit.attempts, unit.last_error) == (UNIT_PENDING, 1, "CUDA out of memory")
     assert cat.get_lease(lease.lease_id).status == LEASE_FAILED
     refused("failed_precondition", cat.fail_lease, lease.lease_id, a, "again", T0 + 2, 3)
-    again = cat.acquire(a, T0 + 3, TTL, first)
-    assert again is not None
+    # Units with fewer attempts are offered first; this policy insists on the failed one.
+    again = cat.acquire(a, T0 + 3, TTL, lambda us: next(u for u in us if u.unit == lease.unit))
+    assert again is not None and again.unit == lease.unit
     unit = cat.fail_lease(again.lease_id, a, "NaN loss", T0 + 4, max_attempts=2)
     assert (unit.status, unit.last_error) == (UNIT_FAILED, "NaN loss")
     assert cat.events(limit=1)[0].kind == "lease_failed"
 
 
 def test_concurrent_acquire_never_leases_a_unit_twice(cat: Catalogue) -> None:
-    n_units = 24
-    add_job(cat, units=[[i] for i in range(n_units)])
-    leased: list[tuple[str, int]] = []
+    threads, each = 16, 4
+    add_job(cat, units=[[i] for i in range(threads * each)])
+    leased: list[tuple[str, int] | None] = []
 
-    def drain(worker_id: str) -> None:
-        # Every thread asks for the same first unit: the most contention there can be.
-        while (lease := cat.acquire(worker_id, T0, TTL, first)) is not None:
-            leased.append((lease.job, lease.unit))
+    def take(worker_id: str) -> None:
+        # Every thread asks for the same first unit: the most contention there can be. While
+        # units are pending, every acquire must get one.
+        for _ in range(each):
+            lease = cat.acquire(worker_id, T0, TTL, first)
+            leased.append(None if lease is None else (lease.job, lease.unit))
 
-    in_threads(drain, [(enrol(cat, f"k{i}").worker_id,) for i in range(8)])
-    assert sorted(leased) == [("digits", i) for i in range(n_units)]
+    workers = [enrol(cat, f"k{i}").worker_id for i in range(threads)]
+    in_threads(take, [(w,) for w in workers])
+    assert None not in leased
+    assert sorted(leased) == [("digits", i) for i in range(threads * each)]  # type: ignore[type-var]
     assert all(u.status == UNIT_LEASED and u.attempts == 1 for u in cat.units())
+    assert cat.acquire(workers[0], T0, TTL, first) is None
 
 
 def test_concurrent_completions_finish_the_job_exactly_once(cat: Catalogue) -> None:
