@@ -21,7 +21,18 @@ alike; each figure is the median over rounds. During the largest upload the coor
 VmRSS is sampled from /proc every 50 ms: idle is the RSS just before the upload, peak the
 largest sample; the CPU seconds the coordinator process and this client process spent per
 second of those uploads are shown too (1.0 is one core kept busy). The JSON also lists every
-upload. Flower is not measured. A benchmark, not a test.
+upload.
+
+Flower (`flwr`) is measured in the same rounds when `--flower-venv` holds it (default: .venv-flower
+at the repository root; `python3 -m venv .venv-flower && .venv-flower/bin/pip install flwr numpy`;
+it needs an environment of its own because its pins clash with tspace's). A SuperLink and a
+SuperNode run on 127.0.0.1 without TLS, and each measurement is one `flwr run` of
+bench/flower_transfer/app whose ClientApp replies with the same checkpoint file's bytes as one
+numpy array in an ArrayRecord; the ServerApp checks their SHA-256. The Flower figure is the
+SuperNode-to-SuperLink hop of that reply (bench/flower_transfer/deployment.py says exactly what
+each Flower span covers); the reply path and round trip, beside those of a tiny reply in the same
+run, are in a second table. During the largest size the VmRSS of the SuperLink and the SuperNode
+is sampled over the whole run as for the coordinator. A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -45,6 +56,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# bench/ is on sys.path when this runs as a script.
+from flower_transfer.deployment import FlowerDeployment
+from flower_transfer.report import print_flower, summarize_flower
 
 from coordinator.config import ADMIN_CREDENTIAL_FILE
 from tspace_core import serde
@@ -189,6 +204,14 @@ def stop(process: subprocess.Popen[Any]) -> None:
 # --- one leased unit and its checkpoints ---
 
 
+def sha256_file(path: Path) -> str:
+    content_hash = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(8 * MIB):
+            content_hash.update(block)
+    return content_hash.hexdigest()
+
+
 @dataclasses.dataclass
 class Uploader:
     """A registered worker holding the lease on a job's only unit, and that unit's trainer."""
@@ -200,11 +223,7 @@ class Uploader:
 
     def upload(self, path: Path, step: int) -> float:
         """Seconds from the call to the registered reply."""
-        content_hash = hashlib.sha256()
-        with path.open("rb") as f:
-            while block := f.read(8 * MIB):
-                content_hash.update(block)
-        digest, size, a = content_hash.hexdigest(), path.stat().st_size, self.assignment
+        digest, size, a = sha256_file(path), path.stat().st_size, self.assignment
         statement = Statement(
             job=a.job,
             job_hash=a.job_hash,
@@ -324,54 +343,126 @@ def measure_upload(
         "client_cpu_s": time.process_time() - client0,
         "seconds": seconds,
     }
-    mem = {"idle_kib": idle, "peak_kib": sampler.finish()} if sampler is not None else {}
+    mem: dict[str, float] = {}
+    if sampler is not None:
+        mem = {"idle_kib": idle, "peak_kib": sampler.finish()}
     return seconds, cpu, mem
+
+
+# --- Flower ---
+
+
+def measure_flower(
+    flower: FlowerDeployment, path: Path, size: int, r: int, sample_rss: bool, timeout_s: float
+) -> tuple[float | None, dict[str, Any]]:
+    """Seconds of the reply's SuperNode-to-SuperLink hop (None when it failed) and the record
+    of the whole run; with `sample_rss`, the SuperLink's and SuperNode's RSS over the run."""
+    digest = sha256_file(path)
+    procs = {"superlink": flower.link.pid, "supernode": flower.node.pid} if sample_rss else {}
+    samplers = {name: RssPeak(pid) for name, pid in procs.items()}
+    idle = {name: sampler.peak for name, sampler in samplers.items()}
+    for sampler in samplers.values():
+        sampler.start()
+    result = flower.transfer(path, digest, timeout_s)
+    record: dict[str, Any] = {"size": size, "round": r + 1, **result}
+    if samplers:
+        record["memory"] = {
+            name: {"idle_kib": idle[name], "peak_kib": sampler.finish()}
+            for name, sampler in samplers.items()
+        }
+        for name, mem in record["memory"].items():
+            growth = (mem["peak_kib"] - mem["idle_kib"]) / 1024
+            print(f"round {r + 1} flower: {name} RSS growth {growth:.0f} MiB", file=sys.stderr)
+    if "error" in result:
+        print(f"round {r + 1} flower {size} MiB failed: {result['error']}", file=sys.stderr)
+        return None, record
+    check = result["check"]
+    if not check["intact"] or check["bytes"] != path.stat().st_size:
+        raise SystemExit(f"Flower delivered other bytes than {path.name}: {check}")
+    return float(result["hop_s"]["big"]), record
 
 
 # --- the run ---
 
 
-def one_round(
-    r: int,
-    sizes: list[int],
-    uploaders: dict[tuple[str, int], Uploader],
-    coordinators: dict[str, Served],
-    port: int,
-    scratch: Path,
-    times: dict[tuple[str, int], list[float]],
-    memory: list[dict[str, float]],
-) -> None:
-    configs = ["raw", "raw+fsync", *coordinators]
-    for size in sizes:
+@dataclasses.dataclass
+class Rig:
+    """What the rounds measure against, and what they collect."""
+
+    sizes: list[int]
+    coordinators: dict[str, Served]
+    uploaders: dict[tuple[str, int], Uploader]
+    port: int
+    scratch: Path
+    flower: FlowerDeployment | None
+    flower_timeout_s: float
+    times: dict[tuple[str, int], list[float]] = dataclasses.field(default_factory=dict)
+    memory: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    flower_runs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def configs(self) -> list[str]:
+        return ["raw", "raw+fsync", *self.coordinators, *(["flower"] * bool(self.flower))]
+
+
+def measure(rig: Rig, config: str, size: int, r: int, path: Path) -> float | None:
+    """Seconds of one transfer of `path` by `config` (None if Flower failed)."""
+    largest = size == max(rig.sizes)
+    if config.startswith("raw"):
+        return raw_copy(rig.port, path, config == "raw+fsync")
+    if config == "flower":
+        assert rig.flower is not None
+        seconds, record = measure_flower(rig.flower, path, size, r, largest, rig.flower_timeout_s)
+        rig.flower_runs.append(record)
+        return seconds
+    served, uploader = rig.coordinators[config], rig.uploaders[(config, size)]
+    seconds, cpu, mem = measure_upload(served, uploader, path, r + 1, largest)
+    rig.memory.append({"config": config, "size": size, "round": r + 1, **cpu, **mem})
+    if mem:
+        growth = (mem["peak_kib"] - mem["idle_kib"]) / 1024
+        print(f"round {r + 1} {config}: RSS growth {growth:.0f} MiB", file=sys.stderr)
+    return seconds
+
+
+def one_round(r: int, rig: Rig) -> None:
+    configs = rig.configs
+    for size in rig.sizes:
         order = configs[r % len(configs) :] + configs[: r % len(configs)]
-        step = r + 1
-        # Both coordinators hold the same job, so one file is a checkpoint of either's unit.
-        path = scratch / f"{size}.safetensors"
-        uploaders[(next(iter(coordinators)), size)].write(step, path)
+        # Both coordinators hold the same job, so one file is a checkpoint of either's unit;
+        # step r + 1 gives each round new bytes.
+        path = rig.scratch / f"{size}.safetensors"
+        rig.uploaders[(next(iter(rig.coordinators)), size)].write(r + 1, path)
+        done = {}
         for config in order:
-            if config.startswith("raw"):
-                times[(config, size)].append(raw_copy(port, path, config == "raw+fsync"))
-                continue
-            served, uploader = coordinators[config], uploaders[(config, size)]
-            seconds, cpu, mem = measure_upload(served, uploader, path, step, size == max(sizes))
-            times[(config, size)].append(seconds)
-            memory.append({"config": config, "size": size, "round": r + 1, **cpu, **mem})
-            if mem:
-                growth = (mem["peak_kib"] - mem["idle_kib"]) / 1024
-                print(f"round {r + 1} {config}: RSS growth {growth:.0f} MiB", file=sys.stderr)
+            seconds = measure(rig, config, size, r, path)
+            if seconds is not None:
+                rig.times[(config, size)].append(seconds)
+            done[config] = "failed" if seconds is None else f"{seconds:.2f}s"
         path.unlink(missing_ok=True)
-        actual = {k: v[-1] for k, v in times.items() if k[1] == size}
+        line = ", ".join(f"{c} {done[c]}" for c in configs)
+        print(f"round {r + 1} {size} MiB: {line}", file=sys.stderr)
+
+
+def start_flower(args: argparse.Namespace, root: Path) -> FlowerDeployment | None:
+    if args.no_flower:
+        return None
+    if not (args.flower_venv / "bin" / "flower-superlink").exists():
         print(
-            f"round {r + 1} {size} MiB: "
-            + ", ".join(f"{k[0]} {v:.2f}s" for k, v in actual.items()),
+            f"Flower not measured: no flower-superlink in {args.flower_venv}/bin "
+            "(python3 -m venv .venv-flower && .venv-flower/bin/pip install flwr numpy)",
             file=sys.stderr,
         )
+        return None
+    flower = FlowerDeployment.start(args.flower_venv, root)
+    print(f"flower: superlink pid {flower.link.pid}, supernode {flower.node.pid}", file=sys.stderr)
+    return flower
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(s) for s in args.sizes.split(",")]
     root = Path(tempfile.mkdtemp(prefix="tspace-transfer-", dir=args.tmp))
     coordinators: dict[str, Served] = {}
+    flower: FlowerDeployment | None = None
     raw = subprocess.Popen(
         [sys.executable, "-c", RAW_SERVER, str(root)], stdout=subprocess.PIPE, text=True
     )
@@ -381,6 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         coordinators["grpc+tls"] = start_coordinator(root, "tls", tls=True)
         if not args.no_plaintext:
             coordinators["grpc"] = start_coordinator(root, "plain", tls=False)
+        flower = start_flower(args, root)
         channels = {size: channels_for(size * MIB) for size in sizes}
         uploaders = {
             (name, size): make_uploader(served, size, channels[size])
@@ -393,21 +485,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             uploaders[(next(iter(coordinators)), size)].write(0, probe)
             sizes_bytes[size] = probe.stat().st_size
             probe.unlink()
-        times: dict[tuple[str, int], list[float]] = {
-            (c, s): [] for c in ["raw", "raw+fsync", *coordinators] for s in sizes
-        }
-        memory: list[dict[str, float]] = []
+        rig = Rig(sizes, coordinators, uploaders, port, root, flower, args.flower_timeout)
+        rig.times = {(c, s): [] for c in rig.configs for s in sizes}
         for r in range(args.rounds):
-            one_round(r, sizes, uploaders, coordinators, port, root, times, memory)
+            one_round(r, rig)
         for uploader in uploaders.values():
             uploader.session.close()
     finally:
+        if flower is not None:
+            flower.close()
         for served in coordinators.values():
             stop(served.process)
         stop(raw)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    return summarize(sizes, sizes_bytes, channels, times, memory, args.rounds)
+    result = summarize(sizes, sizes_bytes, channels, rig.times, rig.memory, args.rounds)
+    if flower is not None:
+        result["flower"] = summarize_flower(sizes, sizes_bytes, rig.flower_runs)
+    return result
 
 
 def summarize(
@@ -415,13 +510,13 @@ def summarize(
     sizes_bytes: dict[int, int],
     channels: dict[int, int],
     times: dict[tuple[str, int], list[float]],
-    memory: list[dict[str, float]],
+    memory: list[dict[str, Any]],
     rounds: int,
 ) -> dict[str, Any]:
     rows = []
     for size in sizes:
         mbs = {
-            c: sizes_bytes[size] / 1e6 / statistics.median(t)
+            c: sizes_bytes[size] / 1e6 / statistics.median(t) if t else None
             for (c, s), t in times.items()
             if s == size
         }
@@ -456,20 +551,31 @@ def summarize(
     }
 
 
+def fmt(value: float | None, spec: str) -> str:
+    return "failed" if value is None else format(value, spec)
+
+
 def print_table(result: dict[str, Any]) -> None:
     rows = result["sizes"]
     configs = list(rows[0]["mb_per_s"])
-    coords = [c for c in configs if not c.startswith("raw")]
+    coords = [c for c in configs if not c.startswith("raw") and c != "flower"]
     head = f"{'size':>9} " + "".join(f"{c + ' MB/s':>16}" for c in configs)
     head += "".join(f"{c + '/raw':>14}{c + '/raw+fsync':>20}" for c in coords)
+    if "flower" in configs:
+        head += "".join(f"{c + '/flower':>17}" for c in coords)
     print(f"median of {result['rounds']} rounds")
     print(head)
     for row in rows:
         mbs = row["mb_per_s"]
-        line = f"{row['bytes'] / MIB:>5.0f} MiB " + "".join(f"{mbs[c]:>16.0f}" for c in configs)
+        line = f"{row['bytes'] / MIB:>5.0f} MiB " + "".join(
+            f"{fmt(mbs[c], '.0f'):>16}" for c in configs
+        )
         line += "".join(
             f"{mbs[c] / mbs['raw']:>14.2f}{mbs[c] / mbs['raw+fsync']:>20.2f}" for c in coords
         )
+        if "flower" in configs:
+            flower = mbs["flower"]
+            line += "".join(f"{fmt(flower and mbs[c] / flower, '.1f'):>17}" for c in coords)
         print(line)
     for config, mem in result["memory_largest_upload"].items():
         print(
@@ -481,6 +587,8 @@ def print_table(result: dict[str, Any]) -> None:
             f"{config}: CPU s per s during the largest upload: coordinator "
             f"{cpu['coordinator']:.2f}, client {cpu['client']:.2f}"
         )
+    if "flower" in result:
+        print_flower(result["flower"])
 
 
 def main() -> None:
@@ -488,6 +596,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="64,256,1024", help="checkpoint sizes in MiB")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-plaintext", action="store_true", help="measure TLS only")
+    parser.add_argument("--no-flower", action="store_true", help="do not measure Flower")
+    parser.add_argument(
+        "--flower-venv",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / ".venv-flower",
+        help="a virtual environment with flwr and numpy (default: .venv-flower)",
+    )
+    parser.add_argument(
+        "--flower-timeout", type=float, default=900.0, help="seconds for one Flower run"
+    )
     parser.add_argument("--tmp", default=None, help="where the files go (default: the temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the folder (logs, blobs)")
     parser.add_argument("--json", type=Path, default=None)
