@@ -4,10 +4,12 @@ verify the digest, register it in one transaction. Anything wrong changes nothin
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -31,6 +33,50 @@ from tspace_core.signing import MAX_STATEMENT_BYTES, SIGNATURE_BYTES, Statement,
 
 MAX_CHUNK = CHUNK_BYTES + 64 * 1024
 MAX_METRICS = 64
+# Chunks received ahead of the one being written (at most this many MiB held per upload).
+READ_AHEAD = 4
+
+T = TypeVar("T")
+_END = object()
+
+
+def read_ahead(items: Iterator[T], depth: int = READ_AHEAD) -> Iterator[T]:
+    """`items`, pulled by a thread of its own up to `depth` ahead, so the next chunk crosses the
+    network while this one is written and hashed (gRPC asks for a stream's next message only
+    when the handler takes it). An error from `items` is raised here, in order."""
+    buffer: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pull() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as e:  # handed to the reader
+            put((_END, e))
+            return
+        put((_END, None))
+
+    threading.Thread(target=pull, name="upload-read-ahead", daemon=True).start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is _END:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()  # the reader stopped early (a refused chunk): the puller ends too
 
 
 @dataclass
@@ -253,7 +299,7 @@ def _receive_data(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"upload offset {header.offset} does not match the {offset} bytes held; resume there",
         )
-    for chunk in chunks:
+    for chunk in read_ahead(chunks):
         if chunk.WhichOneof("part") != "data" or len(chunk.data) > MAX_CHUNK:
             message = "expected data chunks of <= 1 MiB"
             check.reject(context, "format", grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -45,12 +45,12 @@ RETRYABLE_CODES = frozenset(
 RECONNECT_BACKOFF_MS = (500, 4000)  # first and largest wait between reconnection attempts
 
 
-def channel_options() -> list[tuple[str, int]]:
+def channel_options(keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, int]]:
     """Options for every client channel: message size limits and keepalive."""
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         # The default (2) stops pinging an idle channel after two pings.
@@ -62,17 +62,21 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
-def server_options() -> list[tuple[str, int]]:
-    """Options the coordinator's server needs to accept the clients' keepalive pings.
+def server_options(keepalive_time_ms: int = KEEPALIVE_TIME_MS) -> list[tuple[str, int]]:
+    """Options the coordinator's server needs to accept the clients' keepalive pings, sent
+    every `keepalive_time_ms`.
 
     By default a server tolerates a ping without data only every 5 minutes and answers more
-    frequent ones with GOAWAY ("too_many_pings"), which would drop our clients' channels.
+    frequent ones with GOAWAY ("too_many_pings"), which would drop our clients' channels, even
+    mid-upload (the server sends no data while it receives). The option's name is gRPC core's
+    GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; gRPC ignores names it does not
+    know, so a test holds a channel idle through several pings.
     """
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_time_ms // 2),
     ]
 
 

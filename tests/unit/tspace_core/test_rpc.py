@@ -298,3 +298,36 @@ def test_iter_stream_fails_before_reading_past_the_limit() -> None:
         for _ in rpc.iter_stream(responses(), max_size=10):
             pass
     assert len(pulled) == 3
+
+
+def test_the_server_accepts_the_clients_keepalive_pings() -> None:
+    # Pings every 300 ms, scaled down from 20 s: a server that did not know the interval
+    # (a misspelt option is silently ignored) answers the third with GOAWAY too_many_pings.
+    every_ms = 300
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2), options=rpc.server_options(every_ms)
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "test.T", {"Call": grpc.unary_unary_rpc_method_handler(Flaky())}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    states: list[grpc.ChannelConnectivity] = []
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=rpc.channel_options(keepalive_time_ms=every_ms)
+    )
+    try:
+        channel.subscribe(states.append, try_to_connect=True)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        time.sleep(every_ms / 1000 * 12)  # idle through a dozen pings
+        assert channel.unary_unary("/test.T/Call")(b"x", timeout=5) == b"echo:x"
+        ready = grpc.ChannelConnectivity.READY
+        # Connected once and never dropped: a GOAWAY would show as IDLE or a failure after READY.
+        assert states[states.index(ready) :] == [ready], states
+    finally:
+        channel.close()
+        server.stop(None)
