@@ -39,10 +39,10 @@ class Heartbeat(threading.Thread):
         self.session, self.lease_id, self.interval = session, lease_id, interval
         self.progress = progress
         self.cancelled = threading.Event()
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not _stop: Thread uses that name
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             p = self.progress
             request = worker_pb2.HeartbeatRequest(
                 lease_id=self.lease_id, step=p.step, loss=p.loss, images_per_s=p.images_per_s
@@ -56,7 +56,7 @@ class Heartbeat(threading.Thread):
                 log.warning("heartbeat failed (%s)", err.code().name)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 @dataclass(frozen=True)
