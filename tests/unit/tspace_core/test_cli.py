@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tspace_core.cli import app
+from tspace_core.errors import TspaceError
 from tspace_core.jobspec import load_job
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -136,6 +137,7 @@ def test_user_errors_through_the_console_script(tmp_path: Path) -> None:
         "bad toml": (("job", "check", broken), ("broken.toml", "TOML")),
         "no ensemble": (("sample", empty_run, "--out", tmp_path / "g.png"), ("ensemble.json",)),
         "bad suffix": (("sample", empty_run, "--out", "x.jpg"), ("--out", "x.jpg")),
+        "eval, no ensemble": (("eval", empty_run), ("ensemble.json",)),
     }
     # Each run pays for importing torch; run them side by side.
     procs = {name: start(*args) for name, (args, _) in cases.items()}
@@ -216,6 +218,22 @@ def test_train_then_sample_end_to_end(tmp_path: Path) -> None:
     assert images.dtype == np.uint8 and images.shape == (6, 1, 8, 8)
     assert labels.dtype == np.int64 and labels.shape == (6,)
     assert labels.min() >= 0 and labels.max() <= 9
+
+    # The same run measured: figures printed and written as JSON.
+    quality = RUNNER.invoke(
+        app, ["eval", str(run), "--n", "16", "--device", "cpu", "--json", str(run / "q.json")]
+    )
+    assert quality.exit_code == 0, quality.output
+    assert "Fréchet distance" in quality.output and "precision" in quality.output
+    figures = json.loads((run / "q.json").read_text())
+    assert figures["n"] == 16 and sum(figures["class_histogram"]) == 16
+    assert figures["fd"] > 0 and 0 <= figures["precision"] <= 1 and 0 <= figures["recall"] <= 1
+    assert figures["classifier_accuracy"] > 0.95
+    for bad, message in ((["--n", "2"], "--n must be >= 4"), (["--json", "q.txt"], "end in .json")):
+        # In process the error surfaces as TspaceError; the console script prints it (see the
+        # user-error tests above).
+        refused = RUNNER.invoke(app, ["eval", str(run), "--device", "cpu", *bad])
+        assert isinstance(refused.exception, TspaceError) and message in str(refused.exception)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["job", "--help"], ["data", "pack", "--help"]])
