@@ -378,8 +378,8 @@ def step_costs(fleet: Fleet, repeat: int) -> dict[str, list[float]]:
     steps = {
         "worker_by_credential (read)": lambda: catalogue.worker_by_credential(credential_hash),
         "touch_worker (write)": lambda: catalogue.touch_worker(worker_id, time.time()),
-        "beat (write, one per transaction)": lambda: catalogue.beat(
-            lease, worker_id, time.time(), LEASE_TTL_S, 1, 0.1, 1.0
+        "beat (write, one per transaction)": lambda: catalogue.beat_many(
+            [Beat(lease, worker_id, time.time(), LEASE_TTL_S, 1, 0.1, 1.0)]
         ),
         "32 beats in one transaction, per beat": lambda: catalogue.beat_many(
             [Beat(lease, worker_id, time.time(), LEASE_TTL_S, 1, 0.1, 1.0)] * 32

@@ -43,7 +43,7 @@ class BeatWriter:
         self._closed = False
 
     def beat(self, beat: Beat) -> None:
-        """Apply `beat` and return once it is committed; raises what `Catalogue.beat` would
+        """Apply `beat` and return once it is committed; raises what `Catalogue.heartbeat` would
         (a CatalogueError for a refused beat or an unreachable database)."""
         pending = _Pending(beat)
         with self._lock:

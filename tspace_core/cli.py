@@ -314,16 +314,19 @@ def _load_job(run_dir: Path | None, spec_json: str | None, where: str):
     return job_from_json(doc, where)
 
 
-def write_samples(predictor, chain, opts, out: Path, device: str) -> None:
+def _sample(predictor, chain, opts, device: str):
+    """sample_chain with a progress bar: (images, labels)."""
     from tspace_core.ensemble import sample_chain
+
+    with _progress() as bar:
+        task = bar.add_task("sampling", total=opts.steps or len(chain.states))
+        return sample_chain(predictor, chain, opts, device, progress=lambda k: bar.advance(task, k))
+
+
+def write_samples(predictor, chain, opts, out: Path, device: str) -> None:
     from tspace_core.images import save_grid, save_npz
 
-    total = opts.steps or len(chain.states)
-    with _progress() as bar:
-        task = bar.add_task("sampling", total=total)
-        images, labels = sample_chain(
-            predictor, chain, opts, device, progress=lambda k: bar.advance(task, k)
-        )
+    images, labels = _sample(predictor, chain, opts, device)
     if out.suffix == ".png":
         save_grid(images, out)
     else:
@@ -360,7 +363,7 @@ def eval_cmd(
     Samples N images (DDIM, eta 0) from a run folder or a registered ensemble, as `tspace sample`
     does. FD is biased upwards at small N: compare figures only at equal N.
     """
-    from tspace_core.ensemble import SampleOptions, sample_chain
+    from tspace_core.ensemble import SampleOptions
     from tspace_core.evaluation import evaluate
     from tspace_core.fsio import atomic_write_bytes
     from tspace_core.runner import default_device
@@ -387,12 +390,7 @@ def eval_cmd(
             f"tspace eval measures 8x8 one-channel digits; this ensemble makes {shape} images"
         )
     opts = SampleOptions(n=n, seed=seed, eta=0.0, steps=steps, label=None, clip_sample=1.0)
-    total = opts.steps or len(chain.states)
-    with _progress() as bar:
-        task = bar.add_task("sampling", total=total)
-        images, _ = sample_chain(
-            predictor, chain, opts, device, progress=lambda k: bar.advance(task, k)
-        )
+    images, _ = _sample(predictor, chain, opts, device)
     report = evaluate(images)
     table = Table("figure", "value", title=f"sample quality, {report.n} samples")
     table.add_row("Fréchet distance (lower is better)", f"{report.fd:.2f}")

@@ -286,25 +286,10 @@ class Catalogue:
             )
         )
 
-    def beat(
-        self,
-        lease_id: str,
-        worker_id: str,
-        now: float,
-        ttl: float,
-        step: int,
-        loss: float,
-        images_per_s: float,
-    ) -> None:
-        """`heartbeat` without reading the lease back: one UPDATE, for the coordinator's hot
-        path."""
-        self._run(
-            lambda s: scheduling.beat(s, lease_id, worker_id, now, ttl, step, loss, images_per_s)
-        )
-
     def beat_many(self, beats: Sequence[Beat]) -> list[CatalogueError | None]:
-        """Apply many `beat`s in one transaction (one commit, one fsync, instead of one each);
-        each beat's outcome, in order: None, or the error `beat` would have raised for it."""
+        """`heartbeat` without reading the leases back, for many beats in one transaction
+        (one commit, one fsync, instead of one each; the coordinator's hot path); each beat's
+        outcome, in order: None, or the error `heartbeat` would have raised for it."""
 
         def work(session: Session) -> list[CatalogueError | None]:
             outcomes: list[CatalogueError | None] = []
